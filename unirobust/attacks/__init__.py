@@ -1,0 +1,25 @@
+"""Continuous attacks on a model adapter's input space; ``build_attack`` fills budgets from a task."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..registry import ATTACKS
+
+THREAT_KEYS = ("norm", "eps", "alpha", "steps", "relative")
+
+
+def build_attack(spec: dict[str, Any], threat=None):
+    """An attack from ``{name: pgd, eps: ..., ...}``; budget keys the spec leaves out come from
+    ``threat`` (the task's default threat model) when the attack has them."""
+    spec = dict(spec)
+    name = spec.pop("name")
+    cls = ATTACKS.get(name)
+    fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    if threat is not None:
+        for key in THREAT_KEYS:
+            value = getattr(threat, key, None)
+            if key in fields and key not in spec and value is not None:
+                spec[key] = value
+    return cls(**spec)

@@ -1,0 +1,176 @@
+"""``unirobust run|train|eval|list``: the command line over recipes, runs and registries."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .recipe import RecipeError
+
+USAGE_ERRORS = (RecipeError,)  # extended lazily with TaskError, UnknownName, ModelSpecError
+
+EXAMPLES = """examples:
+  unirobust run recipes/quickstart.yaml
+  unirobust run recipes/digits_pgd_at.yaml train.epochs=1 defense.attack.eps=0.05
+  unirobust eval runs/digits_pgd_at --attack pgd:eps=0.1,steps=20 --attack fgsm
+  unirobust eval timm:resnet18 --task digits --attack pgd
+  unirobust list tasks
+"""
+
+
+def parse_attack(text: str) -> dict:
+    """``pgd`` or ``pgd:eps=0.1,steps=20`` -> ``{"name": "pgd", "eps": 0.1, "steps": 20}``."""
+    import yaml
+
+    name, _, rest = text.partition(":")
+    spec = {"name": name}
+    for part in filter(None, rest.split(",")):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise RecipeError(f"attack {text!r}: expected name:key=value,key=value")
+        spec[key.strip()] = yaml.safe_load(value)
+    return spec
+
+
+def cmd_run(args, evaluate_after: bool = True) -> int:
+    from .recipe import load_recipes
+    from .report import atomic_write, metrics_table
+    from .runs import execute
+
+    recipes = load_recipes(args.recipe, args.overrides)
+    results = {}
+    for recipe in recipes:
+        metrics = execute(recipe, resume=args.resume, evaluate_after=evaluate_after)
+        if "eval" in metrics:
+            results[recipe.name] = metrics["eval"]
+    if results:
+        table = metrics_table(results)
+        print("\n" + table)
+        if len(recipes) > 1:
+            root = Path(recipes[0].output_dir) / recipes[0].name.split("/")[0]
+            atomic_write(root / "summary.md", f"# {root.name}\n\n{table}\n")
+            print(f"\nsummary: {root / 'summary.md'}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from accelerate import Accelerator
+
+    from .recipe import AttackConfig, validate
+    from .report import atomic_write, metrics_table
+    from .runs import build_attacks, load_run
+    from .tasks import load_task
+
+    target = Path(args.target)
+    if (target / "recipe.yaml").exists():
+        recipe, adapter = load_run(target, args.overrides)
+    else:
+        if not args.task:
+            raise RecipeError(f"{args.target!r} is not a run folder; to evaluate a model spec, give --task")
+        raw = {"name": "eval", "task": {"name": args.task}, "model": {"spec": args.target}}
+        from .recipe import apply_overrides
+        from .models import build_model
+
+        recipe = validate(apply_overrides(raw, args.overrides), "evaluation")
+        adapter = build_model(recipe.model.spec, recipe.resolved_task, **recipe.model.options)
+    task = recipe.resolved_task
+    configs = [AttackConfig(**parse_attack(a)) for a in args.attack] if args.attack else recipe.eval.attacks
+    attacks = build_attacks(configs, task.threat)
+    data = load_task(task, seed=recipe.seed).split(args.split or recipe.eval.split)
+    limit = args.max_examples or recipe.eval.max_examples
+    if limit and limit < len(data):
+        data = data.select(range(limit))
+    from .evaluate import evaluate
+
+    accelerator = Accelerator()
+    metrics = evaluate(adapter, data, attacks, accelerator, args.batch_size or recipe.eval.batch_size, task.labels)
+    if accelerator.is_main_process:
+        print("\n" + metrics_table({str(args.target): metrics}))
+        out = Path(args.output) if args.output else (target / "eval.json" if (target / "recipe.yaml").exists() else None)
+        if out:
+            atomic_write(out, json.dumps(metrics, indent=2))
+            print(f"\nmetrics: {out}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from .registry import ATTACKS, DEFENSES, MODELS
+    from .tasks import available_tasks, get_task
+
+    if args.what == "tasks":
+        for name, path in available_tasks().items():
+            try:
+                t = get_task(str(path))
+                print(f"{name:16s} {t.modality:7s} {len(t.labels):3d} classes  {t.description}")
+            except Exception as err:  # a broken user task file should not hide the others
+                print(f"{name:16s} INVALID: {err}")
+    elif args.what == "recipes":
+        for p in sorted(Path("recipes").glob("**/*.yaml")):
+            print(p)
+    else:
+        reg = {"models": MODELS, "attacks": ATTACKS, "defenses": DEFENSES}[args.what]
+        for name in reg.names():
+            shown = f"{name}:<name>" if args.what == "models" else name
+            print(f"{shown:16s} {reg.doc(name)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="unirobust", description="Attack, adversarially train and evaluate vision "
+                                "(timm) and text (Hugging Face) models through one code path.",
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    for name, helptext in (("run", "train with the recipe's defense, evaluate, write runs/<name>/"),
+                           ("train", "train only (no evaluation)")):
+        r = sub.add_parser(name, help=helptext, description=helptext)
+        r.add_argument("recipe", help="recipe YAML file (see recipes/)")
+        r.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.epochs=1")
+        r.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+
+    e = sub.add_parser("eval", help="evaluate a run folder or a model spec under attacks",
+                       description="Clean accuracy and the per-example worst case over --attack (in order).")
+    e.add_argument("target", help="a run folder (runs/<name>) or a model spec (timm:<arch>, hf:<id>)")
+    e.add_argument("overrides", nargs="*", help="key.sub=value recipe overrides (e.g. task.max_eval=200)")
+    e.add_argument("--task", help="task name, when target is a model spec")
+    e.add_argument("--attack", action="append", default=[], metavar="NAME[:k=v,...]",
+                   help="attack, repeatable, e.g. pgd:eps=0.1,steps=20 (default: the recipe's eval.attacks)")
+    e.add_argument("--split", choices=["validation", "test"])
+    e.add_argument("--max-examples", type=int)
+    e.add_argument("--batch-size", type=int)
+    e.add_argument("--output", help="write metrics JSON here (default: <run>/eval.json)")
+
+    ls = sub.add_parser("list", help="list tasks, models, attacks, defenses or recipes")
+    ls.add_argument("what", choices=["tasks", "models", "attacks", "defenses", "recipes"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from .models.base import ModelSpecError
+    from .registry import UnknownName
+    from .tasks import TaskError
+
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "train":
+            return cmd_run(args, evaluate_after=False)
+        if args.command == "eval":
+            return cmd_eval(args)
+        return cmd_list(args)
+    except (RecipeError, TaskError, UnknownName, ModelSpecError) as err:
+        print(f"unirobust: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""Defenses: training objectives ``loss(model, batch) -> {"loss", "logits", ...}`` that hold an attack.
+
+A defense never touches the optimizer; the training loop stays the same for all of them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from ..attacks import build_attack
+from ..registry import DEFENSES
+
+
+def build_defense(spec: dict[str, Any], threat=None):
+    """A defense from ``{name: pgd-at, attack: {name: pgd, ...}, ...}``; the attack budget defaults to ``threat``."""
+    spec = dict(spec)
+    cls = DEFENSES.get(spec.pop("name"))
+    attack = spec.pop("attack", None)
+    if "attack" in inspect.signature(cls).parameters:
+        spec["attack"] = build_attack(attack or {"name": "pgd"}, threat)
+    elif attack is not None:
+        raise ValueError("this defense takes no attack")
+    return cls(**spec)

@@ -1,0 +1,86 @@
+"""Evaluation: clean accuracy and a per-example worst-case cascade over continuous attacks.
+
+Each attack runs only on the examples still unbroken after the previous ones (AutoAttack's
+cascade), so the final robust accuracy is the per-example worst case over the list, and the cost
+falls as the list goes on. Flags are gathered across processes with ``gather_for_metrics``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Sequence
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def select(batch: dict, idx: torch.Tensor) -> dict:
+    """The rows ``idx`` of every tensor in a batch dict."""
+    return {k: v[idx] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}
+
+
+def cascade(adapter, batch: dict, attacks: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
+    """Correct-after-each-stage flags, S+1 x B (stage 0 = clean), and the predictions."""
+    adapter.eval()
+    labels = batch["labels"]
+    with torch.no_grad():
+        pred = adapter.logits(adapter.embed(batch), batch).argmax(-1)
+    robust = pred == labels
+    stages = [robust.clone()]
+    for attack in attacks:
+        idx = robust.nonzero().squeeze(-1)
+        if len(idx):
+            sub = select(batch, idx)
+            z_adv = attack(adapter, sub)
+            with torch.no_grad():
+                robust[idx] = adapter.logits(z_adv, sub).argmax(-1) == sub["labels"]
+        stages.append(robust.clone())
+    return torch.stack(stages), pred
+
+
+def evaluate(adapter, dataset, attacks: dict[str, object], accelerator, batch_size: int = 64,
+             class_names: Sequence[str] | None = None, desc: str = "eval") -> dict:
+    """Clean and cascaded robust accuracy of ``adapter`` on ``dataset``, overall and per class."""
+    loader = accelerator.prepare_data_loader(
+        DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=adapter.collate))
+    model = accelerator.unwrap_model(adapter)
+    names = list(attacks)
+    flags, labels = [], []
+    start = time.time()
+    for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True):
+        stages, _ = cascade(model, batch, list(attacks.values()))
+        stages, y = accelerator.gather_for_metrics((stages.T.contiguous(), batch["labels"]))
+        flags.append(stages.cpu())
+        labels.append(y.cpu())
+    flags = torch.cat(flags).float() if flags else torch.zeros(0, len(names) + 1)
+    labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+    return summarise(flags, labels, names, class_names, time.time() - start)
+
+
+def summarise(flags: torch.Tensor, labels: torch.Tensor, attack_names: list[str],
+              class_names: Sequence[str] | None, seconds: float) -> dict:
+    """Metrics from N x (S+1) correct flags (column 0 clean, column s after attack s)."""
+    n = len(labels)
+    acc = flags.mean(0).tolist() if n else [float("nan")] * flags.shape[1]
+    classes = class_names or [str(c) for c in range(int(labels.max()) + 1 if n else 0)]
+    per_class = {}
+    for c, cname in enumerate(classes):
+        rows = flags[labels == c]
+        if len(rows):
+            per_class[cname] = {"n": len(rows), "clean_accuracy": rows[:, 0].mean().item(),
+                                "robust_accuracy": rows[:, -1].mean().item()}
+    robust = [v["robust_accuracy"] for v in per_class.values()]
+    return {
+        "n": n,
+        "clean_accuracy": acc[0],
+        "robust_accuracy": acc[-1],
+        "cascade": [{"attack": a, "robust_accuracy": r} for a, r in zip(attack_names, acc[1:])],
+        "per_class": per_class,
+        "worst_class_robust_accuracy": min(robust) if robust else None,
+        "class_robust_spread": (max(robust) - min(robust)) if robust else None,
+        "seconds": seconds,
+    }

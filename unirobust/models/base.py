@@ -1,0 +1,98 @@
+"""The adapter contract every attack, defense and evaluation is written against.
+
+``z = embed(batch)`` is the clean point in the model's continuous input space (pixels B x C x H x W
+in [0, 1], or token embeddings B x T x D); ``logits(z, batch)`` runs the rest of the model, and
+``logits(embed(b), b)`` equals the plain model output. ``project`` keeps a moved point inside the
+threat model's ball (and the valid set); ``perturbable`` says which entries may move.
+
+Geometry is shared: a *ball unit* is one example for vision (norm over C, H, W) and one token for
+text (norm over D). ``ball_dims`` names the dims of a unit; ``radius`` gives each unit's eps.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+
+@runtime_checkable
+class ModelAdapter(Protocol):
+    modality: Literal["vision", "text"]
+    num_classes: int
+    ball_dims: tuple[int, ...]
+
+    def embed(self, batch: dict) -> Tensor: ...
+    def logits(self, z: Tensor, batch: dict) -> Tensor: ...
+    def features(self, z: Tensor, batch: dict) -> Tensor: ...
+    def project(self, z: Tensor, z0: Tensor, batch: dict, threat: Any) -> Tensor: ...
+    def perturbable(self, batch: dict) -> Tensor: ...
+    def radius(self, z0: Tensor, batch: dict, threat: Any) -> Tensor: ...
+    def collate(self, examples: list[dict]) -> dict: ...
+    def predict(self, inputs: Any, batch_size: int = 64) -> Tensor: ...
+
+
+def unwrap(model: Any) -> Any:
+    """The plain adapter behind a training view (attacks must not run through DDP)."""
+    return getattr(model, "unwrapped", model)
+
+
+# ----------------------------------------------------------------------------- lp geometry
+
+
+def unit_norm(x: Tensor, norm: str, dims: tuple[int, ...]) -> Tensor:
+    """Per-unit norm of ``x``, kept as broadcastable dims."""
+    if norm == "linf":
+        return x.abs().amax(dim=dims, keepdim=True)
+    return x.pow(2).sum(dim=dims, keepdim=True).sqrt()
+
+
+def normalize_step(grad: Tensor, norm: str, dims: tuple[int, ...]) -> Tensor:
+    """Steepest-ascent direction of unit size: sign for Linf, grad / ||grad||_2 per unit for L2."""
+    if norm == "linf":
+        return grad.sign()
+    return grad / unit_norm(grad, "l2", dims).clamp_min(1e-12)
+
+
+def clip_to_ball(delta: Tensor, norm: str, radius: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """Project ``delta`` onto the per-unit ball of ``radius`` (broadcastable to delta)."""
+    if norm == "linf":
+        return torch.maximum(torch.minimum(delta, radius), -radius)
+    scale = (radius / unit_norm(delta, "l2", dims).clamp_min(1e-12)).clamp(max=1.0)
+    return delta * scale
+
+
+def random_in_ball(shape_like: Tensor, norm: str, radius: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """A random point inside each unit's ball: uniform for Linf, random direction x U(0,1) radius for L2."""
+    if norm == "linf":
+        return (torch.rand_like(shape_like) * 2 - 1) * radius
+    direction = normalize_step(torch.randn_like(shape_like), "l2", dims)
+    size = torch.rand_like(unit_norm(shape_like, "l2", dims))
+    return direction * size * radius
+
+
+# ----------------------------------------------------------------------------- building
+
+
+class ModelSpecError(ValueError):
+    """A model spec that cannot be parsed or built."""
+
+
+def build_model(spec: str, task, **options) -> nn.Module:
+    """Build an adapter from ``"<source>:<name>"`` (``timm:resnet18``, ``hf:roberta-base``).
+
+    A bare existing directory is treated as a Hugging Face model folder.
+    """
+    from pathlib import Path
+
+    from ..registry import MODELS
+
+    source, sep, name = spec.partition(":")
+    if not sep:
+        if Path(spec).is_dir():
+            source, name = "hf", spec
+        else:
+            raise ModelSpecError(f"model spec {spec!r} needs a source prefix; valid: "
+                                 + ", ".join(f"{s}:<name>" for s in MODELS.names()))
+    return MODELS.build(source, name, task, **options)

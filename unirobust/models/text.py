@@ -1,0 +1,127 @@
+"""Text adapter: input token embeddings (B x T x D) are the continuous input.
+
+``logits(embed(b), b)`` feeds ``inputs_embeds`` to the Hugging Face model, which adds position and
+segment embeddings itself, so it equals ``model(input_ids)``. The threat model is a per-token ball
+(L2 or Linf, optionally scaled by the token's embedding norm); padding and special tokens never move.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .base import clip_to_ball, unit_norm
+
+log = logging.getLogger(__name__)
+
+
+class TextAdapter(nn.Module):
+    """Wraps a sequence classifier (``AutoModelForSequenceClassification``-like) and its tokenizer.
+
+    ``text_fields`` are the example keys fed to the tokenizer (one, or two for sentence pairs);
+    every batch is padded to its longest member, rounded up to a multiple of 8.
+    """
+
+    modality = "text"
+    ball_dims = (-1,)
+
+    def __init__(self, model: nn.Module, tokenizer, num_classes: int, text_fields: Sequence[str] = ("sentence",),
+                 max_length: int = 128, feature_layer: int = -1):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.num_classes = num_classes
+        self.text_fields = list(text_fields)
+        self.max_length = max_length
+        self.feature_layer = feature_layer
+        self.register_buffer("special_ids", torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long),
+                             persistent=False)
+
+    def _model_inputs(self, batch: dict) -> dict:
+        return {k: batch[k] for k in ("attention_mask", "token_type_ids") if k in batch}
+
+    def embed(self, batch: dict) -> Tensor:
+        return self.model.get_input_embeddings()(batch["input_ids"])
+
+    def logits(self, z: Tensor, batch: dict) -> Tensor:
+        return self.model(inputs_embeds=z, **self._model_inputs(batch)).logits
+
+    forward = logits
+
+    def features(self, z: Tensor, batch: dict) -> Tensor:
+        """Mean-pooled hidden states of layer ``feature_layer`` over real tokens (B x D)."""
+        out = self.model(inputs_embeds=z, output_hidden_states=True, **self._model_inputs(batch))
+        h = out.hidden_states[self.feature_layer]
+        mask = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
+        return (h * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+    def perturbable(self, batch: dict) -> Tensor:
+        """B x T bool: real tokens that are not special tokens ([CLS], [SEP], ...)."""
+        ids = batch["input_ids"]
+        return batch["attention_mask"].bool() & ~torch.isin(ids, self.special_ids.to(ids.device))
+
+    def radius(self, z0: Tensor, batch: dict, threat) -> Tensor:
+        if getattr(threat, "relative", False):
+            return float(threat.eps) * unit_norm(z0, "l2", self.ball_dims).detach()
+        return torch.full_like(z0[..., :1], float(threat.eps))
+
+    def project(self, z: Tensor, z0: Tensor, batch: dict, threat) -> Tensor:
+        delta = clip_to_ball(z - z0, threat.norm, self.radius(z0, batch, threat), self.ball_dims)
+        return z0 + delta * self.perturbable(batch).unsqueeze(-1).to(delta.dtype)
+
+    def tokenize(self, texts: Sequence[str] | Sequence[Sequence[str]]) -> dict:
+        """Tokenize single texts or (first, second) pairs, padded to the longest (multiple of 8)."""
+        columns = list(zip(*texts)) if texts and not isinstance(texts[0], str) else [list(texts)]
+        return dict(self.tokenizer(*[list(c) for c in columns], padding=True, truncation=True,
+                                   max_length=self.max_length, pad_to_multiple_of=8, return_tensors="pt"))
+
+    def collate(self, examples: list[dict]) -> dict:
+        if len(self.text_fields) == 1:
+            texts = [e[self.text_fields[0]] for e in examples]
+        else:
+            texts = [tuple(e[f] for f in self.text_fields) for e in examples]
+        batch = self.tokenize(texts)
+        batch["labels"] = torch.tensor([int(e["label"]) for e in examples], dtype=torch.long)
+        return batch
+
+    @torch.no_grad()
+    def predict(self, texts, batch_size: int = 64) -> Tensor:
+        """Predicted class of each text (or (first, second) pair)."""
+        was_training = self.training
+        self.eval()
+        device = self.special_ids.device
+        preds = []
+        for i in range(0, len(texts), batch_size):
+            batch = {k: v.to(device) for k, v in self.tokenize(texts[i:i + batch_size]).items()}
+            preds.append(self.logits(self.embed(batch), batch).argmax(-1).cpu())
+        self.train(was_training)
+        return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+
+
+def build_hf(name: str, task, max_length: int = 128, pretrained: bool = True, feature_layer: int = -1,
+             **kwargs) -> TextAdapter:
+    """``hf:<hub id or local folder>``: tokenizer + ``AutoModelForSequenceClassification``.
+
+    Hub ids with an offline copy shipped in a package (``sentence-transformers/all-MiniLM-L6-v2``)
+    resolve to that copy; others load from the hub cache or download. The classification head is
+    new (random) unless the checkpoint has one for this many labels. ``pretrained=False`` keeps the
+    architecture and tokenizer but initialises every weight at random.
+    """
+    from ..compat import ensure_torchvision
+    from ..offline import resolve_hf_model
+
+    ensure_torchvision()  # transformers imports torchvision, whose PyPI build breaks next to CPU torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    path = resolve_hf_model(name)
+    labels = {"num_labels": task.num_classes, "id2label": dict(enumerate(task.labels)),
+              "label2id": {n: i for i, n in enumerate(task.labels)}}
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if pretrained:
+        model = AutoModelForSequenceClassification.from_pretrained(path, **labels, **kwargs)
+    else:
+        model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(path, **labels, **kwargs))
+    return TextAdapter(model, tokenizer, task.num_classes, task.text_fields, max_length, feature_layer)

@@ -1,0 +1,97 @@
+"""Vision adapter: pixels in [0, 1] are the continuous input; normalisation lives inside the model."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .base import clip_to_ball
+
+
+class VisionAdapter(nn.Module):
+    """Wraps any image classifier ``net`` (expects normalised B x C x H x W, returns B x K logits).
+
+    ``embed`` returns ``batch["pixel_values"]`` (B x C x H x W in [0, 1]); ``project`` keeps the
+    per-image Linf / L2 ball intersected with [0, 1]. ``features`` is the pre-logit representation
+    of timm models (``forward_head(..., pre_logits=True)``), or the logits for other networks.
+    """
+
+    modality = "vision"
+    ball_dims = (1, 2, 3)
+
+    def __init__(self, net: nn.Module, num_classes: int, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None):
+        super().__init__()
+        self.net = net
+        self.num_classes = num_classes
+        channels = len(mean) if mean is not None else 1
+        self.register_buffer("mean", torch.tensor(mean if mean is not None else [0.0] * channels).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std if std is not None else [1.0] * channels).view(1, -1, 1, 1))
+
+    def _normalise(self, z: Tensor) -> Tensor:
+        return (z - self.mean) / self.std
+
+    def embed(self, batch: dict) -> Tensor:
+        return batch["pixel_values"]
+
+    def logits(self, z: Tensor, batch: dict | None = None) -> Tensor:
+        return self.net(self._normalise(z))
+
+    forward = logits
+
+    def features(self, z: Tensor, batch: dict | None = None) -> Tensor:
+        x = self._normalise(z)
+        if hasattr(self.net, "forward_features") and hasattr(self.net, "forward_head"):
+            return self.net.forward_head(self.net.forward_features(x), pre_logits=True)
+        return self.net(x)
+
+    def perturbable(self, batch: dict) -> Tensor:
+        return torch.ones_like(batch["pixel_values"], dtype=torch.bool)
+
+    def radius(self, z0: Tensor, batch: dict, threat) -> Tensor:
+        return torch.full((z0.shape[0], 1, 1, 1), float(threat.eps), device=z0.device, dtype=z0.dtype)
+
+    def project(self, z: Tensor, z0: Tensor, batch: dict, threat) -> Tensor:
+        delta = clip_to_ball(z - z0, threat.norm, self.radius(z0, batch, threat), self.ball_dims)
+        return (z0 + delta).clamp(0.0, 1.0)
+
+    def collate(self, examples: list[dict]) -> dict:
+        return {
+            "pixel_values": torch.from_numpy(np.stack([np.asarray(e["image"], dtype=np.float32) for e in examples])),
+            "labels": torch.tensor([int(e["label"]) for e in examples], dtype=torch.long),
+        }
+
+    @torch.no_grad()
+    def predict(self, images, batch_size: int = 256) -> Tensor:
+        """Predicted class of each image (N x C x H x W array or tensor in [0, 1])."""
+        was_training = self.training
+        self.eval()
+        x = torch.as_tensor(np.asarray(images, dtype=np.float32))
+        device = self.mean.device
+        preds = [self.logits(x[i:i + batch_size].to(device)).argmax(-1).cpu() for i in range(0, len(x), batch_size)]
+        self.train(was_training)
+        return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+
+
+def build_timm(arch: str, task, pretrained: bool = False, **kwargs) -> VisionAdapter:
+    """``timm:<arch>``: ``timm.create_model`` sized for the task (classes, input channels).
+
+    ``pretrained=True`` downloads weights from the hub (needs network); the default builds the
+    architecture with random weights. Extra recipe options (``drop_rate``, ``img_size`` for ViTs, ...)
+    go to ``create_model``.
+    """
+    from ..compat import ensure_torchvision
+
+    ensure_torchvision()
+    import timm
+
+    if arch not in timm.list_models(pretrained=False) and not timm.is_model(arch):
+        from ..models.base import ModelSpecError
+
+        raise ModelSpecError(f"timm has no model {arch!r}; see timm.list_models('*{arch[:4]}*')")
+    channels = task.image_shape[0]
+    net = timm.create_model(arch, pretrained=pretrained, num_classes=task.num_classes, in_chans=channels, **kwargs)
+    return VisionAdapter(net, task.num_classes, task.mean or [0.5] * channels, task.std or [0.5] * channels)

@@ -1,0 +1,85 @@
+"""Name -> builder tables for models, attacks and defenses.
+
+Entries may be lazy dotted paths (``"unirobust.attacks.pgd:PGD"``) so that listing names or
+validating a recipe never imports heavy libraries. An unknown name raises ``UnknownName`` whose
+message lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+
+class UnknownName(KeyError):
+    """A name that is not registered; ``str()`` lists the valid names."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; we want the plain message
+        return str(self.args[0])
+
+
+class Registry:
+    """A named table of builders (callables or lazy ``"module:attr"`` strings)."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, Callable | str] = {}
+        self._docs: dict[str, str] = {}
+
+    def register(self, name: str, target: Callable | str | None = None, doc: str = ""):
+        """Register ``target`` under ``name``; usable as a decorator when ``target`` is omitted."""
+
+        def add(obj):
+            if name in self._entries:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            self._entries[name] = obj
+            self._docs[name] = doc
+            return obj
+
+        return add if target is None else add(target)
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def doc(self, name: str) -> str:
+        return self._docs.get(name, "")
+
+    def check(self, name: str) -> None:
+        if name not in self._entries:
+            raise UnknownName(f"unknown {self.kind} {name!r}; valid: {', '.join(self.names())}")
+
+    def get(self, name: str) -> Callable:
+        self.check(name)
+        target = self._entries[name]
+        if isinstance(target, str):
+            module, _, attr = target.partition(":")
+            target = getattr(importlib.import_module(module), attr)
+            self._entries[name] = target
+        return target
+
+    def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return self.get(name)(*args, **kwargs)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+
+ATTACKS = Registry("attack")
+DEFENSES = Registry("defense")
+MODELS = Registry("model source")  # prefix of a model spec: "timm:resnet18", "hf:roberta-base"
+LOADERS = Registry("data loader")
+
+ATTACKS.register("fgsm", "unirobust.attacks.pgd:FGSM", "one signed-gradient step (Goodfellow et al. 2015)")
+ATTACKS.register("pgd", "unirobust.attacks.pgd:PGD", "projected gradient descent, Linf/L2, restarts (Madry et al. 2018)")
+
+DEFENSES.register("erm", "unirobust.defenses.erm:ERM", "standard training on clean inputs")
+DEFENSES.register("pgd-at", "unirobust.defenses.pgd_at:PGDAT", "PGD adversarial training (Madry et al. 2018)")
+
+MODELS.register("timm", "unirobust.models.vision:build_timm", "timm.create_model(<arch>), pretrained=False offline")
+MODELS.register("hf", "unirobust.models.text:build_hf", "AutoModelForSequenceClassification.from_pretrained(<id or path>)")
+
+LOADERS.register("hub", "unirobust.tasks:load_hub", "datasets.load_dataset(path, name)")
+LOADERS.register("local", "unirobust.tasks:load_local", "local csv / tsv / json / jsonl files, one per split")
+LOADERS.register("npz", "unirobust.tasks:load_npz", "numpy .npz arrays (images, labels)")
+LOADERS.register("sklearn", "unirobust.tasks:load_sklearn", "a dataset bundled with scikit-learn (load_digits, ...)")
+LOADERS.register("package", "unirobust.tasks:load_package", "data files bundled inside unirobust (offline default)")

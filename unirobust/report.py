@@ -1,0 +1,112 @@
+"""Run folders: ``runs/<name>/`` holds recipe.yaml (resolved), metrics.json, report.md, a plot,
+model.safetensors, checkpoints/ and log.txt. Every write is atomic (temp file, then rename)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+PACKAGES = ("unirobust", "torch", "transformers", "timm", "accelerate", "datasets", "numpy", "textattack")
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def environment() -> dict:
+    """Python, platform and package versions, and the command line: what reproducing a run needs."""
+    versions = {}
+    for p in PACKAGES:
+        try:
+            versions[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            versions[p] = None
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "packages": versions,
+            "argv": sys.argv}
+
+
+def save_weights(adapter, path: Path) -> None:
+    """The adapter's weights as safetensors (shared / tied tensors handled), written atomically."""
+    from safetensors.torch import save_model
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".safetensors")
+    os.close(fd)
+    save_model(adapter, tmp)
+    os.replace(tmp, path)
+
+
+def load_weights(adapter, path: Path) -> None:
+    from safetensors.torch import load_model
+
+    load_model(adapter, str(path), strict=True)
+
+
+def pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.1f}"
+
+
+def metrics_table(rows: dict[str, dict]) -> str:
+    """Markdown table: one row per run, clean accuracy, each cascade stage, robust accuracy."""
+    lines = ["| run | clean % | robust % | worst class robust % | attacks (cascade) |", "|---|---|---|---|---|"]
+    for name, m in rows.items():
+        stages = "; ".join(f"{s['attack']}: {pct(s['robust_accuracy'])}" for s in m.get("cascade", []))
+        lines.append(f"| {name} | {pct(m['clean_accuracy'])} | {pct(m['robust_accuracy'])} | "
+                     f"{pct(m.get('worst_class_robust_accuracy'))} | {stages or '—'} |")
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Path, name: str, metrics: dict) -> None:
+    ev = metrics["eval"]
+    lines = [f"# {name}", "", metrics_table({name: ev}), "",
+             f"Evaluated on {ev['n']} examples ({metrics.get('split', 'test')} split) in {ev['seconds']:.1f} s.", ""]
+    train = metrics.get("train")
+    if train and train.get("history"):
+        lines += ["## Training", "", "| epoch | loss | train accuracy % |", "|---|---|---|"]
+        lines += [f"| {h['epoch']} | {h['loss']:.4f} | {pct(h['train_accuracy'])} |" for h in train["history"]]
+        lines += ["", f"{train['steps']} steps in {train['seconds']:.1f} s.", ""]
+    lines += ["## Per class", "", "| class | n | clean % | robust % |", "|---|---|---|---|"]
+    lines += [f"| {c} | {v['n']} | {pct(v['clean_accuracy'])} | {pct(v['robust_accuracy'])} |"
+              for c, v in ev["per_class"].items()]
+    if plot_per_class(run_dir / "per_class.png", name, ev):
+        lines += ["", "![per-class accuracy](per_class.png)"]
+    atomic_write(run_dir / "report.md", "\n".join(lines) + "\n")
+    atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+
+
+def plot_per_class(path: Path, title: str, ev: dict) -> bool:
+    """Bar chart of clean and robust accuracy per class (PNG); False if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    classes = list(ev["per_class"])
+    x = range(len(classes))
+    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(classes) + 2), 3))
+    ax.bar([i - 0.2 for i in x], [ev["per_class"][c]["clean_accuracy"] for c in classes], 0.4, label="clean")
+    ax.bar([i + 0.2 for i in x], [ev["per_class"][c]["robust_accuracy"] for c in classes], 0.4, label="robust")
+    ax.set_xticks(list(x), classes, rotation=45, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True

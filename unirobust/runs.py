@@ -1,0 +1,96 @@
+"""One run, end to end: recipe -> task data + adapter + defense -> fit -> evaluate -> run folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from .attacks import build_attack
+from .evaluate import evaluate
+from .models import build_model
+from .recipe import AttackConfig, Recipe, RecipeError, read_yaml, validate
+from .report import atomic_write, environment, load_weights, save_weights, write_report
+from .tasks import load_task
+
+log = logging.getLogger("unirobust")
+
+
+def run_dir_of(recipe: Recipe) -> Path:
+    return Path(recipe.output_dir) / recipe.name
+
+
+class LogToFile:
+    """Copies the ``unirobust`` log into ``path`` while the block runs."""
+
+    def __init__(self, path: Path):
+        self.handler = logging.FileHandler(path)
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+
+    def __enter__(self):
+        logging.getLogger("unirobust").addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("unirobust").removeHandler(self.handler)
+        self.handler.close()
+
+
+def build_attacks(configs: list[AttackConfig], threat) -> dict:
+    return {c.title(): build_attack(c.params(), threat) for c in configs}
+
+
+def execute(recipe: Recipe, resume: bool = False, train: bool = True, evaluate_after: bool = True) -> dict:
+    """Train and evaluate one recipe into ``<output_dir>/<name>/``; returns its metrics."""
+    from accelerate.utils import set_seed
+
+    from .train import fit, make_accelerator
+
+    run_dir = run_dir_of(recipe)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = make_accelerator(recipe, run_dir)
+    set_seed(recipe.seed)
+    task = recipe.resolved_task
+    main = accelerator.is_main_process
+    with LogToFile(run_dir / ("log.txt" if main else f"log.{accelerator.process_index}.txt")):
+        if main:
+            atomic_write(run_dir / "recipe.yaml", recipe.to_yaml())
+        log.info("run %s: task %s, model %s, defense %s, seed %d, %d process(es)", recipe.name, task.name,
+                 recipe.model.spec, recipe.defense.name, recipe.seed, accelerator.num_processes)
+        data = load_task(task, seed=recipe.seed)
+        adapter = build_model(recipe.model.spec, task, **recipe.model.options)
+        metrics = {"name": recipe.name, "seed": recipe.seed, "split": recipe.eval.split, "environment": environment()}
+        if train and (recipe.train.epochs or recipe.train.max_steps):
+            metrics["train"] = fit(recipe, adapter, data.train, accelerator, run_dir, resume=resume)
+        adapter = accelerator.unwrap_model(adapter)
+        if main:
+            save_weights(adapter, run_dir / "model.safetensors")
+        if evaluate_after:
+            split = data.split(recipe.eval.split)
+            if recipe.eval.max_examples and recipe.eval.max_examples < len(split):
+                split = split.select(range(recipe.eval.max_examples))
+            attacks = build_attacks(recipe.eval.attacks, task.threat)
+            metrics["eval"] = evaluate(adapter, split, attacks, accelerator, recipe.eval.batch_size,
+                                       task.labels, desc=f"eval {recipe.name}")
+            log.info("clean accuracy %.4f, robust accuracy %.4f on %d examples", metrics["eval"]["clean_accuracy"],
+                     metrics["eval"]["robust_accuracy"], metrics["eval"]["n"])
+            if main:
+                write_report(run_dir, recipe.name, metrics)
+        elif main:
+            atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def load_run(run_dir: str | Path, overrides: list[str] = ()):
+    """The recipe and trained adapter of a finished run folder."""
+    from .recipe import apply_overrides
+
+    run_dir = Path(run_dir)
+    weights = run_dir / "model.safetensors"
+    if not weights.exists():
+        raise RecipeError(f"{run_dir} is not a finished run (no model.safetensors)")
+    recipe = validate(apply_overrides(read_yaml(run_dir / "recipe.yaml"), list(overrides)), f"run {run_dir}")
+    adapter = build_model(recipe.model.spec, recipe.resolved_task, **recipe.model.options)
+    load_weights(adapter, weights)
+    return recipe, adapter

@@ -1,0 +1,362 @@
+"""Tasks: *what problem* — data source, fields, labels, modality, default threat model.
+
+A task is a YAML file in ``tasks/`` (or any path, or a folder listed in ``$UNIROBUST_TASKS``),
+validated by :class:`Task`. Loading returns a :class:`TaskData` with ``train`` / ``validation`` /
+``test`` splits; each split is a map-style dataset whose items are dicts: text tasks carry their
+text fields and ``label`` (int), vision tasks carry ``image`` (float C x H x W in [0, 1]) and ``label``.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .registry import LOADERS
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_DATA = Path(__file__).resolve().parent / "data"
+SPLITS = ("train", "validation", "test")
+
+
+class TaskError(ValueError):
+    """A task that cannot be found, validated or loaded; the message says what to fix."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ThreatModel(Strict):
+    """Default perturbation budget of a task: ``norm`` ball of radius ``eps`` around the clean point.
+
+    Vision: pixels in [0, 1]. Text: per-token ball in embedding space; with ``relative`` the radius
+    of token t is ``eps * ||e_t||`` (the embedding's own norm).
+    """
+
+    norm: Literal["linf", "l2"] = "linf"
+    eps: float = Field(ge=0)
+    alpha: float | None = Field(default=None, gt=0, description="PGD step size; default eps/4")
+    steps: int = Field(default=10, ge=1)
+    relative: bool = False
+
+
+class DataSource(Strict):
+    """Where the examples come from; ``loader`` names an entry of the loader registry."""
+
+    loader: str
+    path: str | None = None          # hub dataset id, local folder / file, npz file, sklearn loader
+    name: str | None = None          # hub configuration (e.g. "sst2" of "glue")
+    splits: dict[str, str] = {}      # our split -> source split name or file name
+    columns: list[str] | None = None  # column names of header-less csv/tsv files
+    holdout: dict[str, float] = {}   # split -> fraction of train, for sources without that split
+    seed: int = 0
+
+    @field_validator("loader")
+    @classmethod
+    def _known_loader(cls, v: str) -> str:
+        LOADERS.check(v)
+        return v
+
+    @field_validator("splits", "holdout")
+    @classmethod
+    def _known_splits(cls, v: dict) -> dict:
+        bad = set(v) - set(SPLITS)
+        if bad:
+            raise ValueError(f"unknown split(s) {sorted(bad)}; valid: {', '.join(SPLITS)}")
+        return v
+
+
+class Task(Strict):
+    name: str
+    description: str = ""
+    modality: Literal["vision", "text"]
+    labels: list[str] = Field(min_length=2)
+    label_field: str = "label"
+    text_fields: list[str] = []        # text: one field, or two for sentence pairs
+    image_shape: list[int] | None = None  # vision: [C, H, W]
+    mean: list[float] | None = None    # vision normalisation, applied inside the model
+    std: list[float] | None = None
+    threat: ThreatModel
+    metric: Literal["accuracy"] = "accuracy"
+    source: DataSource
+    max_train: int | None = Field(default=None, ge=1)
+    max_eval: int | None = Field(default=None, ge=1)
+    base_dir: str | None = None        # where relative paths are resolved (set when loaded from a file)
+
+    @model_validator(mode="after")
+    def _modality_fields(self) -> "Task":
+        if self.modality == "text" and not 1 <= len(self.text_fields) <= 2:
+            raise ValueError("a text task needs text_fields: one field, or two for sentence pairs")
+        if self.modality == "vision":
+            if not self.image_shape or len(self.image_shape) != 3:
+                raise ValueError("a vision task needs image_shape: [channels, height, width]")
+            for stat in (self.mean, self.std):
+                if stat is not None and len(stat) != self.image_shape[0]:
+                    raise ValueError("mean/std need one value per image channel")
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def resolve_path(self, path: str) -> Path:
+        """A path as given if it exists, else relative to the task file's project root."""
+        p = Path(path).expanduser()
+        if p.is_absolute() or p.exists() or self.base_dir is None:
+            return p
+        alt = Path(self.base_dir) / p
+        return alt if alt.exists() else p
+
+    def check_data(self) -> None:
+        """Fail early, with the path, when a local data file is missing (no data is read)."""
+        src = self.source
+        if src.loader in ("local", "npz") and src.path:
+            root = self.resolve_path(src.path)
+            paths = [root / f for f in src.splits.values()] if src.loader == "local" else [root]
+            for p in paths:
+                if not p.exists():
+                    raise TaskError(f"task {self.name!r}: data file not found: {p} "
+                                    f"(override it with task.source.path=...)")
+
+
+# ----------------------------------------------------------------------------- finding tasks
+
+
+def task_dirs() -> list[Path]:
+    extra = [Path(p) for p in os.environ.get("UNIROBUST_TASKS", "").split(os.pathsep) if p]
+    return [*extra, Path.cwd() / "tasks", PROJECT_ROOT / "tasks"]
+
+
+def available_tasks() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for d in task_dirs():
+        for f in sorted(d.glob("*.yaml")) if d.is_dir() else []:
+            found.setdefault(f.stem, f)
+    return found
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """``over`` merged into a copy of ``base``; nested dicts merge, everything else replaces."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def task_file(name: str) -> Path:
+    if name.endswith((".yaml", ".yml")) and Path(name).exists():
+        return Path(name)
+    tasks = available_tasks()
+    if name not in tasks:
+        raise TaskError(f"unknown task {name!r}; valid: {', '.join(sorted(tasks))} "
+                        f"(or a path to a task .yaml)")
+    return tasks[name]
+
+
+def get_task(name: str, overrides: dict[str, Any] | None = None) -> Task:
+    """The task called ``name`` (or at a .yaml path), with recipe ``overrides`` merged in."""
+    path = task_file(name)
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    raw = deep_merge(raw, overrides or {})
+    raw.setdefault("base_dir", str(path.resolve().parent.parent))
+    return Task.model_validate(raw)
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+class ArrayDataset:
+    """Images (N x C x H x W float32 in [0, 1]) and labels as a map-style dataset of dicts."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        if len(images) != len(labels):
+            raise TaskError(f"{len(images)} images but {len(labels)} labels")
+        self.images = np.ascontiguousarray(images, dtype=np.float32)
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i], "label": int(self.labels[i])}
+
+    def select(self, idx: Sequence[int]) -> "ArrayDataset":
+        idx = np.asarray(idx, dtype=np.int64)
+        return ArrayDataset(self.images[idx], self.labels[idx])
+
+
+def labels_of(ds) -> np.ndarray:
+    return ds.labels if isinstance(ds, ArrayDataset) else np.asarray(ds["label"])
+
+
+@dataclass
+class TaskData:
+    task: Task
+    train: Any
+    validation: Any
+    test: Any
+
+    def split(self, name: str):
+        if name not in SPLITS:
+            raise TaskError(f"unknown split {name!r}; valid: {', '.join(SPLITS)}")
+        return getattr(self, name)
+
+
+def _stratified_holdout(ds, fraction: float, seed: int):
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(ds))
+    y = labels_of(ds)
+    stratify = y if np.bincount(y).min() >= 2 else None
+    keep, held = train_test_split(idx, test_size=fraction, random_state=seed, stratify=stratify)
+    return ds.select(np.sort(keep)), ds.select(np.sort(held))
+
+
+def _head(ds, n: int | None):
+    return ds if n is None or n >= len(ds) else ds.select(range(n))
+
+
+def _shuffled_head(ds, n: int | None, seed: int):
+    """The first ``n`` of a seeded permutation: a class-balanced sample even for sorted data."""
+    if n is None or n >= len(ds):
+        return ds
+    return ds.select(np.sort(np.random.default_rng(seed).permutation(len(ds))[:n]))
+
+
+def _normalise_labels(task: Task, ds):
+    """Rename the label column to ``label`` and map label names to indices."""
+    if isinstance(ds, ArrayDataset):
+        bad = ds.labels[(ds.labels < 0) | (ds.labels >= task.num_classes)]
+        if len(bad):
+            raise TaskError(f"task {task.name!r}: label {bad[0]} outside 0..{task.num_classes - 1}")
+        return ds
+    if task.label_field != "label":
+        ds = ds.rename_column(task.label_field, "label")
+    missing = [f for f in task.text_fields if f not in ds.column_names]
+    if missing:
+        raise TaskError(f"task {task.name!r}: text field(s) {missing} not in data columns {ds.column_names}")
+    names = {n: i for i, n in enumerate(task.labels)}
+
+    def to_index(v):
+        if isinstance(v, str) and not v.lstrip("-").isdigit():
+            if v not in names:
+                raise TaskError(f"task {task.name!r}: unknown label {v!r}; labels: {task.labels}")
+            return names[v]
+        return int(v)
+
+    ys = np.asarray([to_index(v) for v in ds["label"]], dtype=np.int64)
+    ds = ds.remove_columns("label").add_column("label", ys.tolist())
+    if len(ys) and (ys.min() < 0 or ys.max() >= task.num_classes):
+        raise TaskError(f"task {task.name!r}: labels outside 0..{task.num_classes - 1} "
+                        f"(an unlabelled split such as GLUE test? map test to validation)")
+    return ds
+
+
+def load_task(task: Task, seed: int = 0) -> TaskData:
+    """Load the task's splits, derive missing ones by stratified holdout, apply size limits."""
+    task.check_data()
+    raw = LOADERS.build(task.source.loader, task)
+    if "train" not in raw:
+        raise TaskError(f"task {task.name!r}: the source gave no train split (got {sorted(raw)})")
+    splits = {k: _normalise_labels(task, v) for k, v in raw.items()}
+    for name, frac in task.source.holdout.items():
+        splits["train"], splits[name] = _stratified_holdout(splits["train"], frac, task.source.seed)
+    splits.setdefault("validation", splits.get("test"))
+    splits.setdefault("test", splits["validation"])
+    if splits["validation"] is None:
+        raise TaskError(f"task {task.name!r}: no validation or test split; add source.holdout")
+    return TaskData(
+        task,
+        train=_shuffled_head(splits["train"], task.max_train, seed),
+        validation=_shuffled_head(splits["validation"], task.max_eval, seed),
+        test=_shuffled_head(splits["test"], task.max_eval, seed),
+    )
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+def _read_table(path: Path, columns: list[str] | None):
+    """A csv / tsv / json / jsonl file as a ``datasets.Dataset`` (text kept verbatim, no quoting)."""
+    import datasets
+
+    suffix = path.suffix.lower()
+    if suffix in (".json", ".jsonl"):
+        return datasets.Dataset.from_json(str(path))
+    delimiter = "\t" if suffix == ".tsv" else ","
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL))
+    header, body = (columns, rows) if columns else (rows[0], rows[1:])
+    body = [r for r in body if r]
+    bad = next((i for i, r in enumerate(body) if len(r) != len(header)), None)
+    if bad is not None:
+        raise TaskError(f"{path}: row {bad + 1} has {len(body[bad])} fields, expected {len(header)} ({header})")
+    return datasets.Dataset.from_dict({c: [r[i] for r in body] for i, c in enumerate(header)})
+
+
+def load_local(task: Task) -> dict:
+    src = task.source
+    root = task.resolve_path(src.path or ".")
+    if not src.splits:
+        raise TaskError(f"task {task.name!r}: a local source needs splits: {{train: file, ...}}")
+    return {split: _read_table(root / f, src.columns) for split, f in src.splits.items()}
+
+
+def load_package(task: Task) -> dict:
+    src = task.source
+    return {split: _read_table(PACKAGE_DATA / (src.path or "") / f, src.columns) for split, f in src.splits.items()}
+
+
+def load_hub(task: Task) -> dict:
+    import datasets
+
+    src = task.source
+    ds = datasets.load_dataset(src.path, src.name)
+    mapping = src.splits or {s: s for s in SPLITS if s in ds}
+    return {ours: ds[theirs] for ours, theirs in mapping.items()}
+
+
+def _images(task: Task, images: np.ndarray) -> np.ndarray:
+    """uint8 or float images (N x H x W, N x H x W x C or N x C x H x W) -> float N x C x H x W in [0, 1]."""
+    x = np.asarray(images)
+    scale = 255.0 if x.dtype == np.uint8 else max(float(x.max()), 1.0)
+    x = x.astype(np.float32) / scale
+    c, h, w = task.image_shape
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[-1] == c and x.shape[1] != c:
+        x = x.transpose(0, 3, 1, 2)
+    if x.shape[1:] != (c, h, w):
+        raise TaskError(f"task {task.name!r}: images have shape {x.shape[1:]}, image_shape says {(c, h, w)}")
+    return x
+
+
+def load_npz(task: Task) -> dict:
+    data = np.load(task.resolve_path(task.source.path), allow_pickle=False)
+    keys = task.source.columns or ["images", "labels"]
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise TaskError(f"task {task.name!r}: arrays {missing} not in {task.source.path} (has {list(data)})")
+    return {"train": ArrayDataset(_images(task, data[keys[0]]), data[keys[1]])}
+
+
+def load_sklearn(task: Task) -> dict:
+    import sklearn.datasets
+
+    fn = getattr(sklearn.datasets, task.source.path or "", None)
+    if fn is None:
+        raise TaskError(f"task {task.name!r}: sklearn.datasets has no {task.source.path!r}")
+    bunch = fn()
+    images = bunch.images / max(float(bunch.images.max()), 1.0)
+    return {"train": ArrayDataset(_images(task, images.astype(np.float32)), bunch.target)}

@@ -1,0 +1,183 @@
+"""One Accelerate training loop for every defense.
+
+The defense computes the loss (``defense.loss(view, batch)``); the loop only steps the optimizer.
+``view`` routes ``logits`` through the (possibly DDP-wrapped) model so gradients synchronise, while
+attacks reach the plain adapter through ``view.unwrapped`` (DESIGN: never attack through DDP).
+Checkpoints (``accelerator.save_state``: safetensors weights, optimizer, scheduler, RNG states) every
+``train.checkpoint_every`` steps make runs resumable; a resumed run ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+from .defenses import build_defense
+from .recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+class TrainView:
+    """The adapter as a defense sees it in training: ``logits`` through the wrapped model."""
+
+    def __init__(self, adapter, wrapped):
+        self.unwrapped = adapter
+        self._wrapped = wrapped
+
+    def logits(self, z, batch):
+        return self._wrapped(z, batch)
+
+    def __getattr__(self, name):
+        return getattr(self.unwrapped, name)
+
+
+class EpochPermutation(Sampler):
+    """Shuffles with a generator seeded by ``seed + epoch``: the same order on resume and on every process."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def make_accelerator(recipe: Recipe, run_dir: Path | None = None):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    return Accelerator(
+        gradient_accumulation_steps=recipe.train.grad_accum,
+        mixed_precision=recipe.train.mixed_precision,
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        project_dir=str(run_dir) if run_dir else None,
+    )
+
+
+def make_optimizer(params, cfg):
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_schedule(optimizer, cfg, total_steps: int):
+    warmup = int(cfg.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return max(0.0, 1 - progress) if cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = sorted((run_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+    ckpts = [c for c in ckpts if (c / "trainer_state.json").exists()]
+    return ckpts[-1] if ckpts else None
+
+
+def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int = 2) -> None:
+    """``accelerator.save_state`` into a temp folder, then rename (a crash never leaves half a checkpoint)."""
+    final = run_dir / "checkpoints" / f"step_{step}"
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        old = sorted((run_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+        for c in old[:-keep]:
+            shutil.rmtree(c, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def fit(recipe: Recipe, adapter, train_set, accelerator, run_dir: Path, resume: bool = False) -> dict:
+    """Train ``adapter`` in place with the recipe's defense; returns per-epoch history and timing."""
+    cfg = recipe.train
+    defense = build_defense(recipe.defense.model_dump(exclude_none=True), recipe.resolved_task.threat)
+    if cfg.batch_size % accelerator.num_processes:
+        raise ValueError(f"train.batch_size {cfg.batch_size} must be divisible by {accelerator.num_processes} processes")
+    sampler = EpochPermutation(len(train_set), recipe.seed)
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, collate_fn=adapter.collate,
+                        generator=torch.Generator().manual_seed(recipe.seed))
+    steps_per_epoch = max(1, len(loader) // cfg.grad_accum)
+    total = cfg.max_steps or steps_per_epoch * cfg.epochs
+    optimizer = make_optimizer([p for p in adapter.parameters() if p.requires_grad], cfg)
+    schedule = make_schedule(optimizer, cfg, total)
+    wrapped, optimizer, loader, schedule = accelerator.prepare(adapter, optimizer, loader, schedule)
+    view = TrainView(accelerator.unwrap_model(wrapped), wrapped)
+
+    step = 0
+    if resume and (ckpt := latest_checkpoint(run_dir)) is not None:
+        accelerator.load_state(str(ckpt))
+        step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+        log.info("resumed from %s (step %d of %d)", ckpt, step, total)
+    history, start = [], time.time()
+    bar = tqdm(total=total, initial=step, desc=f"train {recipe.name}", disable=not accelerator.is_local_main_process,
+               dynamic_ncols=True)
+    epoch = step // steps_per_epoch
+    while step < total:
+        loader.set_epoch(epoch)
+        skip = (step - epoch * steps_per_epoch) * cfg.grad_accum
+        wrapped.train()
+        sums = torch.zeros(3, device=accelerator.device)  # loss sum, correct, count
+        for i, batch in enumerate(loader):
+            if i < skip:
+                continue
+            with accelerator.accumulate(wrapped):
+                out = defense.loss(view, batch)
+                accelerator.backward(out["loss"])
+                if cfg.grad_clip and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad()
+            n = len(batch["labels"])
+            sums += torch.stack([out["loss"].detach().float() * n,
+                                 (out["logits"].argmax(-1) == batch["labels"]).sum().float(),
+                                 torch.tensor(float(n), device=sums.device)])
+            if accelerator.sync_gradients:
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{out['loss'].item():.3f}", epoch=epoch)
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    save_checkpoint(accelerator, run_dir, step)
+                if step >= total:
+                    break
+        sums = accelerator.reduce(sums, reduction="sum")
+        if sums[2] > 0:
+            history.append({"epoch": epoch, "step": step, "loss": (sums[0] / sums[2]).item(),
+                            "train_accuracy": (sums[1] / sums[2]).item()})
+            log.info("epoch %d: loss %.4f, train accuracy %.4f (on the training objective's inputs)",
+                     epoch, history[-1]["loss"], history[-1]["train_accuracy"])
+        epoch += 1
+    bar.close()
+    accelerator.wait_for_everyone()
+    seconds = time.time() - start
+    return {"history": history, "steps": step, "seconds": seconds,
+            "examples_per_second": step * cfg.batch_size * cfg.grad_accum / seconds if seconds and step else None}
