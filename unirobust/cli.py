@@ -18,6 +18,7 @@ EXAMPLES = """examples:
   unirobust eval runs/digits_pgd_at --attack pgd:eps=0.1,steps=20 --attack fgsm
   unirobust eval timm:resnet18 --task digits --attack pgd
   unirobust list tasks
+  unirobust launch --multi_gpu --num_processes 2 -- run recipes/digits_pgd_at.yaml
 """
 
 
@@ -46,7 +47,9 @@ def cmd_run(args, evaluate_after: bool = True) -> int:
         metrics = execute(recipe, resume=args.resume, evaluate_after=evaluate_after)
         if "eval" in metrics:
             results[recipe.name] = metrics["eval"]
-    if results:
+    from accelerate import PartialState
+
+    if results and PartialState().is_main_process:
         table = metrics_table(results)
         print("\n" + table)
         if len(recipes) > 1:
@@ -57,8 +60,6 @@ def cmd_run(args, evaluate_after: bool = True) -> int:
 
 
 def cmd_eval(args) -> int:
-    from accelerate import Accelerator
-
     from .recipe import AttackConfig, validate
     from .report import atomic_write, metrics_table
     from .runs import build_attacks, load_run
@@ -85,7 +86,9 @@ def cmd_eval(args) -> int:
         data = data.select(range(limit))
     from .evaluate import evaluate
 
-    accelerator = Accelerator()
+    from .train import make_accelerator
+
+    accelerator = make_accelerator(recipe)
     metrics = evaluate(adapter, data, attacks, accelerator, args.batch_size or recipe.eval.batch_size, task.labels)
     if accelerator.is_main_process:
         print("\n" + metrics_table({str(args.target): metrics}))
@@ -93,6 +96,25 @@ def cmd_eval(args) -> int:
         if out:
             atomic_write(out, json.dumps(metrics, indent=2))
             print(f"\nmetrics: {out}")
+    return 0
+
+
+def cmd_launch(args) -> int:
+    """``accelerate launch <options> -m unirobust.cli <command>``, with the torchvision fix applied first
+    (the ``accelerate`` CLI imports timm, hence torchvision, before it launches anything)."""
+    from .compat import ensure_torchvision
+
+    ensure_torchvision()
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    rest = list(args.rest)
+    if "--" not in rest:
+        raise RecipeError("usage: unirobust launch [accelerate launch options] -- run RECIPE [overrides]")
+    cut = rest.index("--")
+    options, command = rest[:cut], rest[cut + 1:]
+    if not command:
+        raise RecipeError("unirobust launch: give the unirobust command after --, e.g. -- run recipes/x.yaml")
+    launch_command(launch_command_parser().parse_args([*options, "-m", "unirobust.cli", *command]))
     return 0
 
 
@@ -144,13 +166,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int)
     e.add_argument("--output", help="write metrics JSON here (default: <run>/eval.json)")
 
+    la = sub.add_parser("launch", help="run a unirobust command on several processes (accelerate launch)",
+                        description="Options before -- go to `accelerate launch` (e.g. --multi_gpu "
+                        "--num_processes 2; on CPU this runs gloo); after -- comes the unirobust command.")
+    la.add_argument("rest", nargs=argparse.REMAINDER, help="[accelerate options] -- COMMAND ...")
+
     ls = sub.add_parser("list", help="list tasks, models, attacks, defenses or recipes")
     ls.add_argument("what", choices=["tasks", "models", "attacks", "defenses", "recipes"])
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if argv[:1] == ["launch"] and not {"-h", "--help"} & set(argv[1:argv.index("--") if "--" in argv else None]):
+        args = argparse.Namespace(command="launch", rest=argv[1:], verbose=False)  # options belong to accelerate
+    else:
+        args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock"):
@@ -166,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args, evaluate_after=False)
         if args.command == "eval":
             return cmd_eval(args)
+        if args.command == "launch":
+            return cmd_launch(args)
         return cmd_list(args)
     except (RecipeError, TaskError, UnknownName, ModelSpecError) as err:
         print(f"unirobust: error: {err}", file=sys.stderr)

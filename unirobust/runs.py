@@ -28,11 +28,16 @@ class LogToFile:
         self.handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
 
     def __enter__(self):
-        logging.getLogger("unirobust").addHandler(self.handler)
+        self.logger = logging.getLogger("unirobust")
+        self.level = self.logger.level
+        if self.logger.getEffectiveLevel() > logging.INFO:
+            self.logger.setLevel(logging.INFO)  # the run log keeps INFO even when the console does not
+        self.logger.addHandler(self.handler)
         return self
 
     def __exit__(self, *exc):
-        logging.getLogger("unirobust").removeHandler(self.handler)
+        self.logger.removeHandler(self.handler)
+        self.logger.setLevel(self.level)
         self.handler.close()
 
 

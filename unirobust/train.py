@@ -58,13 +58,23 @@ class EpochPermutation(Sampler):
         return self.n
 
 
-def make_accelerator(recipe: Recipe, run_dir: Path | None = None):
+def has_accelerator_device() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or bool(mps and mps.is_available()) or bool(xpu and xpu.is_available())
+
+
+def make_accelerator(recipe: Recipe | None = None, run_dir: Path | None = None):
+    """An ``Accelerator`` for a recipe; ``cpu=True`` where no GPU exists, so that a multi-process
+    launch on CPU becomes a real gloo job instead of N independent single-process runs."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
+    train = recipe.train if recipe is not None else None
     return Accelerator(
-        gradient_accumulation_steps=recipe.train.grad_accum,
-        mixed_precision=recipe.train.mixed_precision,
+        cpu=not has_accelerator_device(),
+        gradient_accumulation_steps=train.grad_accum if train else 1,
+        mixed_precision=train.mixed_precision if train else "no",
         dataloader_config=DataLoaderConfiguration(split_batches=True),
         project_dir=str(run_dir) if run_dir else None,
     )

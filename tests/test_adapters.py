@@ -1,0 +1,282 @@
+"""The adapter contract (unirobust/models): embed/logits round trip, projection, masks, collate, predict."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from unirobust.models import ModelAdapter
+from unirobust.models.base import unit_norm
+
+TOL = 1e-5
+
+
+def threat(eps, norm="linf", relative=False):
+    return SimpleNamespace(eps=eps, norm=norm, relative=relative)
+
+
+def per_image_norm(delta, norm):
+    return unit_norm(delta, norm, (1, 2, 3)).flatten()
+
+
+def per_token_norm(delta, norm):
+    return unit_norm(delta, norm, (-1,)).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- vision
+
+
+@pytest.fixture(params=["cnn", "timm"])
+def vision(request, cnn_adapter, timm_adapter):
+    adapter = cnn_adapter if request.param == "cnn" else timm_adapter
+    return adapter.eval()
+
+
+@pytest.fixture
+def image_batch(digits_test_batch):
+    return {k: v[:16] for k, v in digits_test_batch.items()}
+
+
+def test_adapters_satisfy_protocol(cnn_adapter, timm_adapter, text_adapter):
+    for adapter in (cnn_adapter, timm_adapter, text_adapter):
+        assert isinstance(adapter, ModelAdapter)
+    assert cnn_adapter.modality == "vision" and text_adapter.modality == "text"
+
+
+def test_vision_logits_of_embed_equal_plain_net(vision, image_batch, digits_task):
+    x = image_batch["pixel_values"]
+    z = vision.embed(image_batch)
+    assert torch.equal(z, x)  # the continuous point is the [0, 1] pixels themselves
+    mean = torch.tensor(digits_task.mean).view(1, -1, 1, 1)
+    std = torch.tensor(digits_task.std).view(1, -1, 1, 1)
+    with torch.no_grad():
+        ours = vision.logits(z, image_batch)
+        plain = vision.net((x - mean) / std)
+    assert ours.shape == (16, digits_task.num_classes)
+    torch.testing.assert_close(ours, plain, rtol=0, atol=1e-6)
+    # the normalisation really matters (the comparison above would catch a missing one)
+    with torch.no_grad():
+        assert not torch.allclose(vision.net(x), plain, atol=1e-3)
+
+
+def test_timm_model_sized_for_task(timm_adapter, digits_task):
+    net = timm_adapter.net
+    assert net.num_classes == digits_task.num_classes
+    first_conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.in_channels == digits_task.image_shape[0]
+    torch.testing.assert_close(timm_adapter.mean.flatten(), torch.tensor(digits_task.mean))
+    torch.testing.assert_close(timm_adapter.std.flatten(), torch.tensor(digits_task.std))
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.5)])
+def test_vision_project_ball_and_pixel_range(vision, image_batch, norm, eps):
+    z0 = vision.embed(image_batch)
+    torch.manual_seed(0)
+    z = z0 + torch.randn_like(z0)  # far outside both the ball and [0, 1]
+    p = vision.project(z, z0, image_batch, threat(eps, norm))
+    assert p.shape == z0.shape
+    assert (per_image_norm(p - z0, norm) <= eps + TOL).all()
+    assert p.min() >= 0.0 and p.max() <= 1.0
+    # a projection: points already valid do not move
+    torch.testing.assert_close(vision.project(p, z0, image_batch, threat(eps, norm)), p, rtol=0, atol=1e-6)
+    inside = (z0 + 0.2 * (p - z0)).clamp(0, 1)
+    torch.testing.assert_close(vision.project(inside, z0, image_batch, threat(eps, norm)), inside, rtol=0, atol=1e-6)
+
+
+def test_vision_project_linf_saturates_where_pixels_allow(cnn_adapter, image_batch):
+    z0 = cnn_adapter.embed(image_batch)
+    z = z0 + 1.0  # push every pixel up by far more than eps
+    p = cnn_adapter.project(z, z0, image_batch, threat(0.1, "linf"))
+    torch.testing.assert_close(p, (z0 + 0.1).clamp(max=1.0))
+
+
+def test_vision_project_l2_keeps_direction(cnn_adapter):
+    # interior pixels (no clamping): L2 projection is a rescaling of delta to norm eps
+    z0 = torch.full((2, 1, 8, 8), 0.5)
+    batch = {"pixel_values": z0, "labels": torch.zeros(2, dtype=torch.long)}
+    delta = torch.randn_like(z0) * 0.01
+    delta = delta / per_image_norm(delta, "l2").view(-1, 1, 1, 1) * torch.tensor([0.4, 2.0]).view(-1, 1, 1, 1)
+    p = cnn_adapter.project(z0 + delta, z0, batch, threat(1.0, "l2"))
+    torch.testing.assert_close(p[0], (z0 + delta)[0])            # inside: unchanged
+    torch.testing.assert_close(p[1], (z0 + delta / 2.0)[1])      # outside: scaled onto the sphere
+
+
+def test_vision_perturbable_everything(vision, image_batch):
+    mask = vision.perturbable(image_batch)
+    assert mask.dtype == torch.bool and mask.shape == image_batch["pixel_values"].shape and mask.all()
+
+
+def test_vision_features_shape(cnn_adapter, timm_adapter, image_batch):
+    z = image_batch["pixel_values"]
+    with torch.no_grad():
+        f = timm_adapter.features(z, image_batch)
+        assert f.shape == (16, timm_adapter.net.num_features)
+        assert cnn_adapter.eval().features(z, image_batch).shape[0] == 16
+        assert cnn_adapter.features(z, image_batch).dim() == 2
+
+
+def test_vision_collate(cnn_adapter, digits_data):
+    examples = [digits_data.test[i] for i in range(5)]
+    batch = cnn_adapter.collate(examples)
+    assert batch["pixel_values"].shape == (5, 1, 8, 8) and batch["pixel_values"].dtype == torch.float32
+    assert batch["labels"].dtype == torch.long
+    assert batch["labels"].tolist() == [e["label"] for e in examples]
+
+
+def test_vision_predict_is_argmax_and_keeps_mode(vision, image_batch):
+    x = image_batch["pixel_values"]
+    with torch.no_grad():
+        expected = vision.logits(x, image_batch).argmax(-1)
+    vision.train()
+    try:
+        pred = vision.predict(x.numpy(), batch_size=5)  # several chunks, numpy input
+        assert vision.training
+    finally:
+        vision.eval()
+    assert pred.dtype == torch.long and torch.equal(pred, expected)
+    assert vision.predict(np.zeros((0, 1, 8, 8), dtype=np.float32)).numel() == 0
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def plain_logits(adapter, batch):
+    kwargs = {k: batch[k] for k in ("attention_mask", "token_type_ids") if k in batch}
+    return adapter.model(input_ids=batch["input_ids"], **kwargs).logits
+
+
+def test_text_logits_of_embed_equal_plain_model(text_adapter, sentences):
+    text_adapter.eval()
+    batch = text_adapter.collate(sentences)
+    with torch.no_grad():
+        z = text_adapter.embed(batch)
+        assert z.shape == (*batch["input_ids"].shape, 32)
+        torch.testing.assert_close(text_adapter.logits(z, batch), plain_logits(text_adapter, batch), rtol=0, atol=1e-5)
+
+
+def test_text_pair_logits_use_token_type_ids(pair_adapter, pairs):
+    pair_adapter.eval()
+    batch = pair_adapter.collate(pairs)
+    assert "token_type_ids" in batch and batch["token_type_ids"].max() == 1  # the second segment is marked
+    with torch.no_grad():
+        ours = pair_adapter.logits(pair_adapter.embed(batch), batch)
+        torch.testing.assert_close(ours, plain_logits(pair_adapter, batch), rtol=0, atol=1e-5)
+        # sanity of the comparison: segment ids change the output, so dropping them would be caught
+        zeros = pair_adapter.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   token_type_ids=torch.zeros_like(batch["token_type_ids"])).logits
+        assert not torch.allclose(ours, zeros, atol=1e-4)
+
+
+def test_text_collate_pads_to_longest_multiple_of_8(text_adapter, sentences, tokenizer):
+    batch = text_adapter.collate(sentences)
+    lengths = batch["attention_mask"].sum(1)
+    width = batch["input_ids"].shape[1]
+    assert width % 8 == 0
+    assert width == math.ceil(lengths.max().item() / 8) * 8  # longest in the batch, not max_length (128)
+    assert batch["labels"].tolist() == [e["label"] for e in sentences]
+    # a batch of short texts is short
+    short = text_adapter.collate([sentences[1], sentences[3]])
+    assert short["input_ids"].shape[1] == 8
+    # the real tokens are exactly the tokenizer's, the rest is padding
+    for i, e in enumerate(sentences):
+        ids = tokenizer(e["sentence"])["input_ids"]
+        assert batch["input_ids"][i, :len(ids)].tolist() == ids
+        assert (batch["input_ids"][i, len(ids):] == tokenizer.pad_token_id).all()
+        assert lengths[i] == len(ids)
+
+
+def test_text_collate_truncates_to_max_length(make_text_adapter, tokenizer, sentences):
+    adapter = make_text_adapter(max_length=16)
+    batch = adapter.collate(sentences)
+    assert batch["input_ids"].shape[1] == 16
+    assert batch["input_ids"][2, -1] == tokenizer.sep_token_id  # truncated, still closed by [SEP]
+
+
+def test_text_pair_collate(pair_adapter, pairs, tokenizer):
+    batch = pair_adapter.collate(pairs)
+    ids = tokenizer(pairs[1]["premise"], pairs[1]["hypothesis"])
+    n = len(ids["input_ids"])
+    assert batch["input_ids"][1, :n].tolist() == ids["input_ids"]
+    assert batch["token_type_ids"][1, :n].tolist() == ids["token_type_ids"]
+    assert batch["input_ids"].shape[1] % 8 == 0
+    assert batch["input_ids"].shape[1] == math.ceil(batch["attention_mask"].sum(1).max().item() / 8) * 8
+
+
+def special_or_pad(batch, tokenizer):
+    ids = batch["input_ids"]
+    special = torch.tensor([tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id])
+    return torch.isin(ids, special) | (batch["attention_mask"] == 0)
+
+
+@pytest.mark.parametrize("kind", ["single", "pair"])
+def test_text_perturbable_masks_special_and_padding(kind, text_adapter, pair_adapter, sentences, pairs, tokenizer):
+    adapter, examples = (text_adapter, sentences) if kind == "single" else (pair_adapter, pairs)
+    batch = adapter.collate(examples)
+    mask = adapter.perturbable(batch)
+    assert mask.shape == batch["input_ids"].shape and mask.dtype == torch.bool
+    assert torch.equal(mask, ~special_or_pad(batch, tokenizer))
+    assert (~mask[:, 0]).all()  # [CLS]
+    if kind == "pair":  # the [SEP] between the two segments is frozen too
+        assert ((batch["input_ids"] == tokenizer.sep_token_id).sum(1) == 2).all()
+
+
+@pytest.mark.parametrize("kind", ["single", "pair"])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("relative", [False, True])
+def test_text_project(kind, norm, relative, text_adapter, pair_adapter, sentences, pairs, tokenizer):
+    adapter, examples = (text_adapter, sentences) if kind == "single" else (pair_adapter, pairs)
+    batch = adapter.collate(examples)
+    eps = 0.3 if relative else 0.05
+    with torch.no_grad():
+        z0 = adapter.embed(batch)
+    torch.manual_seed(0)
+    z = z0 + 10 * torch.randn_like(z0)
+    p = adapter.project(z, z0, batch, threat(eps, norm, relative))
+    frozen = special_or_pad(batch, tokenizer)
+    assert torch.equal(p[frozen], z0[frozen])  # exactly untouched, not merely small
+    radius = eps * per_token_norm(z0, "l2") if relative else torch.full(frozen.shape, eps)
+    size = per_token_norm(p - z0, norm)
+    assert (size <= radius * (1 + TOL) + TOL).all()
+    # the noise is huge, so every movable token ends on the ball's boundary: the radius is the right one
+    torch.testing.assert_close(size[~frozen], radius[~frozen], rtol=1e-4, atol=1e-6)
+    # points inside the ball do not move
+    inside = z0 + 0.5 * (p - z0)
+    torch.testing.assert_close(adapter.project(inside, z0, batch, threat(eps, norm, relative)), inside)
+
+
+def test_text_radius_relative_scales_with_token_norm(text_adapter, sentences):
+    batch = text_adapter.collate(sentences)
+    with torch.no_grad():
+        z0 = text_adapter.embed(batch)
+    r = text_adapter.radius(z0, batch, threat(0.5, "l2", relative=True))
+    torch.testing.assert_close(r.squeeze(-1), 0.5 * z0.norm(dim=-1))
+    r_abs = text_adapter.radius(z0, batch, threat(0.5, "l2"))
+    assert torch.all(r_abs == 0.5)
+
+
+def test_text_features_shape_and_padding_invariance(text_adapter, sentences):
+    text_adapter.eval()
+    batch = text_adapter.collate(sentences)
+    with torch.no_grad():
+        f = text_adapter.features(text_adapter.embed(batch), batch)
+        assert f.shape == (len(sentences), 32)
+        alone = text_adapter.collate([sentences[1]])  # much less padding than in the batch
+        f1 = text_adapter.features(text_adapter.embed(alone), alone)
+    torch.testing.assert_close(f[1], f1[0], rtol=0, atol=1e-5)  # mean over real tokens only
+
+
+def test_text_predict_is_argmax_and_keeps_mode(text_adapter, pair_adapter, sentences, pairs):
+    for adapter, examples, fields in ((text_adapter, sentences, ["sentence"]),
+                                      (pair_adapter, pairs, ["premise", "hypothesis"])):
+        adapter.eval()
+        batch = adapter.collate(examples)
+        with torch.no_grad():
+            expected = adapter.logits(adapter.embed(batch), batch).argmax(-1)
+        inputs = [e[fields[0]] for e in examples] if len(fields) == 1 else [(e[fields[0]], e[fields[1]]) for e in examples]
+        adapter.train()  # dropout on: predict must switch to eval itself, and switch back
+        pred = adapter.predict(inputs, batch_size=2)
+        assert adapter.training
+        assert pred.dtype == torch.long and torch.equal(pred, expected)

@@ -1,0 +1,145 @@
+"""The command line (unirobust/cli.py), in process, plus two subprocesses (exit code, import weight)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from unirobust.cli import main, parse_attack
+from unirobust.recipe import RecipeError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_main(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def subprocess_env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    return env
+
+
+@pytest.mark.parametrize("what,names", [
+    ("tasks", ["digits", "sst2-sample", "sst2", "ag-news", "animal-mnist"]),
+    ("models", ["timm:<name>", "hf:<name>"]),
+    ("attacks", ["fgsm", "pgd"]),
+    ("defenses", ["erm", "pgd-at"]),
+])
+def test_list(capsys, what, names):
+    code, out, err = run_main(capsys, "list", what)
+    assert code == 0
+    listed = [line.split()[0] for line in out.splitlines() if line.strip()]
+    for name in names:
+        assert name in listed, out
+    assert "INVALID" not in out
+
+
+def test_list_tasks_shows_modality_and_classes(capsys):
+    _, out, _ = run_main(capsys, "list", "tasks")
+    digits = next(line for line in out.splitlines() if line.startswith("digits "))
+    assert "vision" in digits and "10 classes" in digits
+    sst2 = next(line for line in out.splitlines() if line.startswith("sst2-sample "))
+    assert "text" in sst2 and "2 classes" in sst2
+
+
+def test_list_unknown_kind_is_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["list", "widgets"])
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["eval", "--help"]])
+def test_help(capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: unirobust" in out
+    if argv == ["--help"]:
+        for command in ("run", "train", "eval", "list"):
+            assert command in out
+        assert "examples:" in out
+    if argv[0] == "run":
+        assert "overrides" in out and "--resume" in out
+    if argv[0] == "eval":
+        assert "--attack" in out and "--task" in out
+
+
+def test_parse_attack():
+    assert parse_attack("pgd:eps=0.1,steps=20") == {"name": "pgd", "eps": 0.1, "steps": 20}
+    spec = parse_attack("pgd:eps=0.1,steps=20")
+    assert isinstance(spec["eps"], float) and isinstance(spec["steps"], int)
+    assert parse_attack("fgsm") == {"name": "fgsm"}
+    assert parse_attack("pgd:norm=l2, random_start=false") == {"name": "pgd", "norm": "l2", "random_start": False}
+    with pytest.raises(RecipeError, match="key=value"):
+        parse_attack("pgd:eps")
+
+
+def test_bad_recipe_returns_2(capsys, tmp_path):
+    code, out, err = run_main(capsys, "run", str(REPO / "recipes" / "digits_pgd_at.yaml"), "train.epochs=abc",
+                              f"output_dir={tmp_path}")
+    assert code == 2
+    assert err.startswith("unirobust: error: invalid recipe")
+    assert "train.epochs" in err and "abc" in err
+    assert out == ""
+    assert not any(tmp_path.iterdir())  # nothing was trained or written
+
+
+def test_missing_recipe_returns_2(capsys, tmp_path):
+    code, _, err = run_main(capsys, "train", str(tmp_path / "nope.yaml"))
+    assert code == 2 and "recipe file not found" in err
+
+
+def test_bad_override_syntax_returns_2(capsys):
+    code, _, err = run_main(capsys, "run", str(REPO / "recipes" / "digits_pgd_at.yaml"), "train.epochs")
+    assert code == 2 and "key.sub=value" in err
+
+
+def test_eval_of_model_spec_without_task_returns_2(capsys):
+    code, _, err = run_main(capsys, "eval", "timm:test_resnet")
+    assert code == 2 and "--task" in err
+
+
+def test_cli_subprocess_bad_recipe_exit_code(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\ntask: {name: digits}\nmodel: {spec: timm:test_resnet}\n"
+                   "defense: {name: pgd-at, attack: {name: pgd, eps: -0.1}}\n")
+    proc = subprocess.run([sys.executable, "-m", "unirobust.cli", "run", str(bad), f"output_dir={tmp_path / 'runs'}"],
+                          capture_output=True, text=True, timeout=120, env=subprocess_env(), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert err[0].startswith("unirobust: error: invalid recipe") and str(bad) in err[0]
+    assert 1 <= len(err) <= 4 and "eps" in proc.stderr
+    assert proc.stdout == ""
+    assert not (tmp_path / "runs").exists()
+
+
+def test_import_and_validation_stay_light():
+    """Importing the package and CLI, listing registries and validating every shipped recipe never
+    imports timm, transformers or textattack."""
+    code = "\n".join([
+        "import sys, glob, io, contextlib",
+        "import unirobust, unirobust.cli, unirobust.recipe",
+        "heavy = ('textattack', 'timm', 'transformers')",
+        "assert not [m for m in heavy if m in sys.modules], 'import'",
+        "from unirobust.recipe import load_recipes",
+        "paths = sorted(glob.glob('recipes/**/*.yaml', recursive=True))",
+        "assert paths",
+        "for p in paths: load_recipes(p)",
+        "with contextlib.redirect_stdout(io.StringIO()):",
+        "    for what in ('tasks', 'models', 'attacks', 'defenses'): unirobust.cli.main(['list', what])",
+        "print(sorted(m for m in heavy if m in sys.modules))",
+    ])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=subprocess_env(), cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout

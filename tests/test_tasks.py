@@ -1,0 +1,320 @@
+"""Tasks (unirobust/tasks.py): declarative task files, loaders, holdout splits, limits and errors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from unirobust.tasks import TaskError, available_tasks, get_task, load_task
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_task(root: Path, spec: dict, name: str = "mytask") -> Path:
+    """A task file at ``root/tasks/<name>.yaml`` (relative data paths resolve against ``root``)."""
+    path = root / "tasks" / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"name": name, **spec}))
+    return path
+
+
+def text_task(source: dict, labels=("negative", "positive"), **extra) -> dict:
+    return {"modality": "text", "labels": list(labels), "text_fields": ["sentence"],
+            "threat": {"norm": "l2", "eps": 0.5}, "source": source, **extra}
+
+
+def write_lines(path: Path, lines: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+TRAIN_ROWS = [("a fine film , really", "positive"), ("boring", "negative"), ("I laughed a lot", "positive"),
+              ("\"quoted\" text with a 'quote", "negative")]
+
+
+# ----------------------------------------------------------------------------- local text files
+
+
+def test_local_tsv_with_header(tmp_path):
+    write_lines(tmp_path / "data" / "train.tsv", ["sentence\tlabel"] + [f"{s}\t{int(y == 'positive')}" for s, y in TRAIN_ROWS])
+    write_lines(tmp_path / "data" / "dev.tsv", ["sentence\tlabel", "great\t1", "awful\t0"])
+    path = write_task(tmp_path, text_task({"loader": "local", "path": "data",
+                                           "splits": {"train": "train.tsv", "validation": "dev.tsv"}}))
+    task = get_task(str(path))
+    assert task.name == "mytask" and task.num_classes == 2
+    data = load_task(task)
+    assert len(data.train) == 4 and len(data.validation) == 2
+    assert data.test["sentence"] == data.validation["sentence"]  # no test split: validation doubles as test
+    assert data.train["sentence"] == [s for s, _ in TRAIN_ROWS]  # verbatim, quotes included
+    assert data.train["label"] == [1, 0, 1, 0]
+    assert data.validation[0] == {"sentence": "great", "label": 1}
+
+
+def test_local_tsv_without_header_string_labels(tmp_path):
+    write_lines(tmp_path / "data" / "train.tsv", [f"{y}\t{s}" for s, y in TRAIN_ROWS])
+    write_lines(tmp_path / "data" / "test.tsv", ["positive\tgood", "negative\tbad", "positive\tfine"])
+    path = write_task(tmp_path, text_task({"loader": "local", "path": "data", "columns": ["label", "sentence"],
+                                           "splits": {"train": "train.tsv", "test": "test.tsv"}}))
+    data = load_task(get_task(str(path)))
+    assert data.train["label"] == [1, 0, 1, 0]
+    assert data.train["sentence"][0] == "a fine film , really"
+    assert data.test["label"] == [1, 0, 1] and len(data.validation) == 3
+
+
+def test_local_csv_and_label_field(tmp_path):
+    write_lines(tmp_path / "data" / "train.csv", ["text,sentiment", '"hello, world",positive', "meh,negative"])
+    spec = text_task({"loader": "local", "path": "data", "splits": {"train": "train.csv", "validation": "train.csv"}},
+                     label_field="sentiment")
+    spec["text_fields"] = ["text"]
+    data = load_task(get_task(str(write_task(tmp_path, spec))))
+    assert data.train["text"] == ["hello, world", "meh"] and data.train["label"] == [1, 0]
+
+
+def test_unknown_label_name_is_named(tmp_path):
+    write_lines(tmp_path / "data" / "train.tsv", ["positive\tgood", "neutral\tso so"])
+    path = write_task(tmp_path, text_task({"loader": "local", "path": "data", "columns": ["label", "sentence"],
+                                           "splits": {"train": "train.tsv", "validation": "train.tsv"}}))
+    with pytest.raises(TaskError, match="neutral"):
+        load_task(get_task(str(path)))
+
+
+def test_label_out_of_range(tmp_path):
+    write_lines(tmp_path / "data" / "train.tsv", ["sentence\tlabel", "good\t1", "odd\t5"])
+    path = write_task(tmp_path, text_task({"loader": "local", "path": "data",
+                                           "splits": {"train": "train.tsv", "validation": "train.tsv"}}))
+    with pytest.raises(TaskError, match=r"0\.\.1"):
+        load_task(get_task(str(path)))
+
+
+def test_ragged_row_is_reported(tmp_path):
+    write_lines(tmp_path / "data" / "train.tsv", ["sentence\tlabel", "good\t1", "no label here"])
+    path = write_task(tmp_path, text_task({"loader": "local", "path": "data",
+                                           "splits": {"train": "train.tsv", "validation": "train.tsv"}}))
+    with pytest.raises(TaskError, match="row 2"):
+        load_task(get_task(str(path)))
+
+
+def test_missing_text_field(tmp_path):
+    write_lines(tmp_path / "data" / "train.tsv", ["text\tlabel", "good\t1"])
+    path = write_task(tmp_path, text_task({"loader": "local", "path": "data",
+                                           "splits": {"train": "train.tsv", "validation": "train.tsv"}}))
+    with pytest.raises(TaskError, match="sentence"):
+        load_task(get_task(str(path)))
+
+
+@pytest.mark.xfail(strict=True, reason="bug: label names that look like integers ('-1', '1') are read as "
+                                      "class indices, never matched by name")
+def test_integer_like_label_names_match_by_name(tmp_path):
+    write_lines(tmp_path / "data" / "train.tsv", ["-1\tbad", "1\tgood", "-1\tworse"])
+    path = write_task(tmp_path, text_task({"loader": "local", "path": "data", "columns": ["label", "sentence"],
+                                           "splits": {"train": "train.tsv", "validation": "train.tsv"}},
+                                          labels=["-1", "1"]))
+    data = load_task(get_task(str(path)))
+    assert data.train["label"] == [0, 1, 0]
+
+
+def test_missing_file_fails_in_check_data(tmp_path):
+    write_lines(tmp_path / "data" / "train.tsv", ["sentence\tlabel", "good\t1"])
+    path = write_task(tmp_path, text_task({"loader": "local", "path": "data",
+                                           "splits": {"train": "train.tsv", "validation": "missing.tsv"}}))
+    task = get_task(str(path))
+    with pytest.raises(TaskError, match="missing.tsv"):
+        task.check_data()
+    with pytest.raises(TaskError, match="missing.tsv"):
+        load_task(task)
+
+
+def test_missing_npz_fails_in_check_data():
+    task = get_task("animal-mnist", {"source": {"path": "/nonexistent/animals.npz"}})
+    with pytest.raises(TaskError, match="/nonexistent/animals.npz"):
+        task.check_data()
+
+
+def test_relative_path_resolves_against_task_project(tmp_path, monkeypatch):
+    write_lines(tmp_path / "data" / "train.tsv", ["sentence\tlabel", "good\t1", "bad\t0"])
+    path = write_task(tmp_path, text_task({"loader": "local", "path": "data",
+                                           "splits": {"train": "train.tsv", "validation": "train.tsv"}}))
+    monkeypatch.chdir(tmp_path / "tasks")  # the working directory plays no part
+    assert len(load_task(get_task(str(path))).train) == 2
+
+
+def test_unknown_task_lists_valid_names():
+    with pytest.raises(TaskError) as err:
+        get_task("no-such-task")
+    msg = str(err.value)
+    assert "no-such-task" in msg
+    for name in ("digits", "sst2-sample", "animal-mnist"):
+        assert name in msg
+
+
+def test_task_validation_errors(tmp_path):
+    from pydantic import ValidationError
+
+    from unirobust.registry import UnknownName
+
+    with pytest.raises(ValidationError, match="text_fields"):
+        get_task(str(write_task(tmp_path, {**text_task({"loader": "local"}), "text_fields": []}, "a")))
+    with pytest.raises(ValidationError, match="image_shape"):
+        get_task(str(write_task(tmp_path, {"modality": "vision", "labels": ["a", "b"], "threat": {"eps": 0.1},
+                                           "source": {"loader": "npz"}}, "b")))
+    with pytest.raises(UnknownName, match="local"):  # the message lists the valid loaders
+        get_task(str(write_task(tmp_path, text_task({"loader": "ftp"}), "c")))
+    with pytest.raises(ValidationError, match="unknown split"):
+        get_task(str(write_task(tmp_path, text_task({"loader": "local", "splits": {"dev": "x.tsv"}}), "d")))
+
+
+# ----------------------------------------------------------------------------- npz images
+
+
+def vision_task(source: dict, image_shape=(1, 6, 6), classes=3, **extra) -> dict:
+    return {"modality": "vision", "labels": [f"c{i}" for i in range(classes)], "image_shape": list(image_shape),
+            "threat": {"eps": 0.1}, "source": source, **extra}
+
+
+def make_ids_npz(path: Path, n: int = 300, classes: int = 3, sorted_labels: bool = True) -> np.ndarray:
+    """Float images in [0, 1] whose first pixel encodes the example's index (to track it through splits)."""
+    images = np.random.default_rng(0).uniform(0, 1, size=(n, 6, 6)).astype(np.float32)
+    images[:, 0, 0] = np.arange(n) / n
+    labels = np.repeat(np.arange(classes), n // classes) if sorted_labels else np.arange(n) % classes
+    np.savez(path, images=images, labels=labels)
+    return labels
+
+
+def ids_of(ds, n: int) -> np.ndarray:
+    return np.rint(ds.images[:, 0, 0, 0] * n).astype(int)
+
+
+def test_npz_uint8_channel_last(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(20, 6, 6, 3), dtype=np.uint8)
+    images[0] = 255
+    np.savez(tmp_path / "imgs.npz", x=images, y=np.arange(20) % 2)
+    path = write_task(tmp_path, vision_task({"loader": "npz", "path": str(tmp_path / "imgs.npz"), "columns": ["x", "y"],
+                                             "holdout": {"validation": 0.5}}, image_shape=(3, 6, 6), classes=2))
+    data = load_task(get_task(str(path)))
+    assert len(data.train) == 10 and len(data.validation) == 10
+    ex = data.train[0]
+    assert ex["image"].shape == (3, 6, 6) and ex["image"].dtype == np.float32
+    assert isinstance(ex["label"], int)
+    all_images = np.concatenate([data.train.images, data.validation.images])
+    assert all_images.min() >= 0 and all_images.max() == 1.0
+    np.testing.assert_allclose(np.sort(all_images.ravel()), np.sort(images.transpose(0, 3, 1, 2).ravel() / 255.0),
+                               rtol=0, atol=1e-6)
+
+
+def test_npz_wrong_shape_and_keys(tmp_path):
+    np.savez(tmp_path / "imgs.npz", images=np.zeros((4, 5, 5), np.float32), labels=np.zeros(4, int))
+    spec = vision_task({"loader": "npz", "path": str(tmp_path / "imgs.npz"), "holdout": {"validation": 0.5}})
+    with pytest.raises(TaskError, match="image_shape"):
+        load_task(get_task(str(write_task(tmp_path, spec, "a"))))
+    spec["source"]["columns"] = ["pixels", "labels"]
+    with pytest.raises(TaskError, match="pixels"):
+        load_task(get_task(str(write_task(tmp_path, spec, "b"))))
+
+
+def test_npz_label_out_of_range(tmp_path):
+    np.savez(tmp_path / "imgs.npz", images=np.zeros((4, 6, 6), np.float32), labels=np.array([0, 1, 2, 3]))
+    path = write_task(tmp_path, vision_task({"loader": "npz", "path": str(tmp_path / "imgs.npz"),
+                                             "holdout": {"validation": 0.5}}))
+    with pytest.raises(TaskError, match=r"label 3 outside 0\.\.2"):
+        load_task(get_task(str(path)))
+
+
+def test_stratified_holdout(tmp_path):
+    n = 300
+    labels = make_ids_npz(tmp_path / "ids.npz", n)
+    path = write_task(tmp_path, vision_task({"loader": "npz", "path": str(tmp_path / "ids.npz"),
+                                             "holdout": {"test": 0.2, "validation": 0.1}, "seed": 3}))
+    data = load_task(get_task(str(path)))
+    ids = {s: ids_of(data.split(s), n) for s in ("train", "validation", "test")}
+    # disjoint and complete
+    assert not set(ids["train"]) & set(ids["validation"])
+    assert not set(ids["train"]) & set(ids["test"])
+    assert not set(ids["validation"]) & set(ids["test"])
+    assert sorted(np.concatenate(list(ids.values()))) == list(range(n))
+    assert len(ids["test"]) == 60
+    # labels travel with their images
+    for s in ids:
+        assert (data.split(s).labels == labels[ids[s]]).all()
+    # class proportions preserved in every split (100 / 100 / 100 overall)
+    for s in ids:
+        counts = np.bincount(data.split(s).labels, minlength=3)
+        assert counts.max() - counts.min() <= 1, (s, counts)
+    # deterministic for a given source seed
+    again = load_task(get_task(str(path)))
+    assert (ids_of(again.test, n) == ids["test"]).all()
+
+
+@pytest.mark.xfail(strict=True, reason="bug: holdout fractions after the first are taken of what is left "
+                                      "(digits validation is 16% of the data, its task file says 20%)")
+def test_holdout_fractions_are_of_the_whole_dataset(digits_data):
+    total = len(digits_data.train) + len(digits_data.validation) + len(digits_data.test)
+    assert len(digits_data.test) == pytest.approx(0.2 * total, abs=1)
+    assert len(digits_data.validation) == pytest.approx(0.2 * total, abs=1)
+
+
+def test_max_train_max_eval(tmp_path):
+    n = 300
+    make_ids_npz(tmp_path / "ids.npz", n)  # labels sorted by class: a plain head would hold one class
+    path = write_task(tmp_path, vision_task({"loader": "npz", "path": str(tmp_path / "ids.npz"),
+                                             "holdout": {"test": 0.2, "validation": 0.2}},
+                                            max_train=30, max_eval=10))
+    full = load_task(get_task(str(path), {"max_train": None, "max_eval": None}))
+    data = load_task(get_task(str(path)))
+    assert (len(data.train), len(data.validation), len(data.test)) == (30, 10, 10)
+    assert len(np.unique(data.train.labels)) == 3
+    # the limited splits are subsets of the full ones
+    assert set(ids_of(data.train, n)) <= set(ids_of(full.train, n))
+    assert set(ids_of(data.test, n)) <= set(ids_of(full.test, n))
+    assert set(ids_of(data.validation, n)) <= set(ids_of(full.validation, n))
+    # a limit above the split size changes nothing
+    big = load_task(get_task(str(path), {"max_train": 10_000}))
+    assert len(big.train) == len(full.train)
+
+
+def test_max_eval_on_text(tmp_path):
+    write_lines(tmp_path / "data" / "train.tsv", ["sentence\tlabel"] + [f"s{i}\t{i % 2}" for i in range(20)])
+    path = write_task(tmp_path, text_task({"loader": "local", "path": "data",
+                                           "splits": {"train": "train.tsv", "validation": "train.tsv"}},
+                                          max_train=7, max_eval=5))
+    data = load_task(get_task(str(path)))
+    assert len(data.train) == 7 and len(data.validation) == 5 and len(data.test) == 5
+
+
+# ----------------------------------------------------------------------------- shipped tasks
+
+
+def test_sklearn_digits(digits_data, digits_task):
+    assert digits_task.modality == "vision" and digits_task.num_classes == 10
+    sizes = [len(digits_data.train), len(digits_data.validation), len(digits_data.test)]
+    assert sum(sizes) == 1797 and all(s > 200 for s in sizes)
+    for split in (digits_data.train, digits_data.validation, digits_data.test):
+        assert split.images.shape[1:] == (1, 8, 8) and split.images.dtype == np.float32
+        assert split.images.min() == 0.0 and split.images.max() == 1.0
+        assert set(np.unique(split.labels)) == set(range(10))
+    ex = digits_data.test[0]
+    assert set(ex) == {"image", "label"}
+
+
+def test_digits_overrides_limit(digits_task):
+    task = get_task("digits", {"max_train": 50, "max_eval": 20})
+    data = load_task(task)
+    assert (len(data.train), len(data.validation), len(data.test)) == (50, 20, 20)
+    assert digits_task.max_train is None  # overrides never leak into the cached task
+
+
+def test_sst2_sample_loads_offline():
+    data = load_task(get_task("sst2-sample", {"max_train": 40, "max_eval": 30}))
+    assert len(data.train) == 40 and len(data.test) == 30
+    assert set(data.train["label"]) <= {0, 1} and all(isinstance(s, str) and s for s in data.train["sentence"])
+
+
+def test_shipped_tasks_are_found():
+    found = available_tasks()
+    for name in ("digits", "sst2-sample", "sst2", "ag-news", "animal-mnist"):
+        assert name in found and found[name].exists()
+    for name, path in found.items():
+        if path.parent == REPO / "tasks":
+            assert get_task(name).name == name  # the file's name field matches its file name

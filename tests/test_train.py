@@ -1,0 +1,123 @@
+"""Training loop: resume after a crash, run folders, and multi-process runs (slow, end to end)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+TINY = {
+    "name": "tiny",
+    "seed": 0,
+    "task": {"name": "digits", "max_train": 192, "max_eval": 96},
+    "model": {"spec": "timm:test_resnet"},
+    "defense": {"name": "pgd-at", "attack": {"name": "pgd", "steps": 2}},  # random starts exercise RNG restore
+    "train": {"epochs": 2, "batch_size": 32, "lr": 0.003, "schedule": "cosine", "checkpoint_every": 4},
+    "eval": {"batch_size": 32, "attacks": [{"name": "pgd", "steps": 5, "random_start": False}]},
+}
+
+
+def write_recipe(path: Path, **changes) -> Path:
+    raw = json.loads(json.dumps(TINY))
+    for key, value in changes.items():
+        raw[key] = value
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+class Crash(RuntimeError):
+    pass
+
+
+@pytest.mark.slow
+def test_resume_after_crash_ends_with_same_weights(tmp_path, monkeypatch):
+    """6 steps per epoch, checkpoint every 4: the crash lands mid-epoch, so resume must skip batches,
+    restore optimizer, schedule and RNG (PGD random starts) exactly."""
+    from unirobust import train
+    from unirobust.recipe import load_recipes
+    from unirobust.runs import execute
+
+    recipe_file = write_recipe(tmp_path / "tiny.yaml")
+    full = load_recipes(recipe_file, [f"output_dir={tmp_path / 'full'}"])[0]
+    execute(full, evaluate_after=False)
+
+    crashed = load_recipes(recipe_file, [f"output_dir={tmp_path / 'crashed'}"])[0]
+    original = train.save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        original(*args, **kwargs)
+        raise Crash("simulated crash after the first checkpoint")
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        execute(crashed, evaluate_after=False)
+    run_dir = tmp_path / "crashed" / "tiny"
+    assert not (run_dir / "model.safetensors").exists()
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_4"]
+    monkeypatch.setattr(train, "save_checkpoint", original)
+    metrics = execute(crashed, resume=True, evaluate_after=False)
+    assert metrics["train"]["steps"] == 12
+
+    a = load_file(tmp_path / "full" / "tiny" / "model.safetensors")
+    b = load_file(run_dir / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+
+
+@pytest.mark.slow
+def test_run_folder_and_eval_of_saved_run(tmp_path):
+    from unirobust.cli import main
+
+    recipe = write_recipe(tmp_path / "tiny.yaml", output_dir=str(tmp_path / "runs"))
+    assert main(["run", str(recipe), "train.epochs=1", "train.checkpoint_every=null"]) == 0
+    run = tmp_path / "runs" / "tiny"
+    for name in ("recipe.yaml", "metrics.json", "report.md", "model.safetensors", "log.txt", "per_class.png"):
+        assert (run / name).exists(), name
+    resolved = yaml.safe_load((run / "recipe.yaml").read_text())
+    assert resolved["train"]["epochs"] == 1 and resolved["defense"]["attack"]["steps"] == 2
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["seed"] == 0 and metrics["environment"]["packages"]["torch"]
+    assert metrics["eval"]["n"] == 96 and len(metrics["eval"]["per_class"]) == 10
+    log = (run / "log.txt").read_text()
+    assert "timm:test_resnet" in log and "clean accuracy" in log
+
+    # Evaluating the saved run reproduces the run's own evaluation (deterministic attack).
+    out = tmp_path / "again.json"
+    assert main(["eval", str(run), "--output", str(out)]) == 0
+    again = json.loads(out.read_text())
+    assert again["clean_accuracy"] == metrics["eval"]["clean_accuracy"]
+    assert again["robust_accuracy"] == metrics["eval"]["robust_accuracy"]
+
+
+@pytest.mark.slow
+def test_two_processes_report_the_same_metrics(tmp_path):
+    """A real 2-process gloo job (accelerate launch --multi_gpu) on CPU: its evaluation of a trained
+    run equals the 1-process evaluation (sharding, padding duplicates and gathering are exact), and a
+    2-process training run finishes and evaluates every example once."""
+    recipe = write_recipe(tmp_path / "tiny.yaml", output_dir=str(tmp_path / "runs"))
+    cli = [sys.executable, "-m", "unirobust.cli"]
+    subprocess.run([*cli, "run", str(recipe), "train.epochs=1"], check=True, capture_output=True)
+    single = json.loads((tmp_path / "runs" / "tiny" / "metrics.json").read_text())["eval"]
+
+    launch = [*cli, "launch", "--multi_gpu", "--num_processes", "2", "--"]
+    out = tmp_path / "two.json"
+    # 96 examples in batches of 40: uneven shards, so the padding duplicates must be dropped
+    res = subprocess.run([*launch, "eval", str(tmp_path / "runs" / "tiny"), "--batch-size", "40", "--output", str(out)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    two = json.loads(out.read_text())
+    assert two["n"] == single["n"] == 96
+    for key in ("clean_accuracy", "robust_accuracy", "per_class"):
+        assert two[key] == single[key], key
+
+    res = subprocess.run([*launch, "run", str(recipe), f"output_dir={tmp_path / 'ddp'}", "train.epochs=1"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ddp = json.loads((tmp_path / "ddp" / "tiny" / "metrics.json").read_text())
+    assert ddp["eval"]["n"] == 96 and ddp["train"]["steps"] == 6
+    assert res.stdout.count("| tiny |") == 1  # the summary table is printed once, by the main process
