@@ -183,7 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         args = argparse.Namespace(command="launch", rest=argv[1:], verbose=False)  # options belong to accelerate
     else:
         args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    import os
+
+    quiet = os.environ.get("LOCAL_RANK", "0") != "0"  # under `launch`, only local rank 0 logs progress
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
