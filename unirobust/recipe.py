@@ -75,6 +75,7 @@ class TrainConfig(Strict):
     grad_clip: float | None = Field(default=None, gt=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     checkpoint_every: int | None = Field(default=None, ge=1, description="save a resumable checkpoint every N steps")
+    monitor_examples: int = Field(default=0, ge=0, description="held-out examples for per-epoch PGD robust accuracy (0 = off)")
 
 
 class EvalConfig(Strict):

@@ -72,8 +72,22 @@ LOADERS = Registry("data loader")
 ATTACKS.register("fgsm", "unirobust.attacks.pgd:FGSM", "one signed-gradient step (Goodfellow et al. 2015)")
 ATTACKS.register("pgd", "unirobust.attacks.pgd:PGD", "projected gradient descent, Linf/L2, restarts (Madry et al. 2018)")
 
+ATTACKS.register("apgd-ce", "unirobust.attacks.apgd:APGDCE", "APGD with cross-entropy (Croce & Hein 2020)")
+ATTACKS.register("apgd-dlr", "unirobust.attacks.apgd:APGDDLR", "APGD with the DLR loss (Croce & Hein 2020)")
+ATTACKS.register("alt-pgd", "unirobust.attacks.alt_pgd:AltPGD", "PGD alternating CE and margin losses")
+ATTACKS.register("cw-l2", "unirobust.attacks.cw:CWL2", "Carlini-Wagner L2 (2017), projected onto the threat ball")
+
 DEFENSES.register("erm", "unirobust.defenses.erm:ERM", "standard training on clean inputs")
 DEFENSES.register("pgd-at", "unirobust.defenses.pgd_at:PGDAT", "PGD adversarial training (Madry et al. 2018)")
+
+DEFENSES.register("trades", "unirobust.defenses.trades:TRADES", "TRADES: CE + beta KL(clean || adv) (Zhang et al. 2019)")
+DEFENSES.register("mart", "unirobust.defenses.mart:MART", "MART: misclassification-aware AT (Wang et al. 2020)")
+DEFENSES.register("fat", "unirobust.defenses.fat:FAT", "friendly AT: early-stopped PGD (Zhang et al. 2020)")
+DEFENSES.register("fgsm-at", "unirobust.defenses.fgsm_at:FGSMAT", "FGSM-AT with random start + CO guard")
+DEFENSES.register("free-at", "unirobust.defenses.free_at:FreeAT", "Free-AT: minibatch replay (Shafahi et al. 2019)")
+DEFENSES.register("freelb", "unirobust.defenses.freelb:FreeLB", "FreeLB: accumulated ascent steps (Zhu et al. 2020)")
+DEFENSES.register("embedding-at", "unirobust.defenses.embedding_at:EmbeddingAT", "C-AdvUL-style continuous AT")
+DEFENSES.register("iat", "unirobust.defenses.iat:IAT", "interpolated AT: mixup of clean and adv (Lamb et al. 2019)")
 
 MODELS.register("timm", "unirobust.models.vision:build_timm", "timm.create_model(<arch>), pretrained=False offline")
 MODELS.register("hf", "unirobust.models.text:build_hf", "AutoModelForSequenceClassification.from_pretrained(<id or path>)")

@@ -66,7 +66,8 @@ def execute(recipe: Recipe, resume: bool = False, train: bool = True, evaluate_a
         adapter = build_model(recipe.model.spec, task, **recipe.model.options)
         metrics = {"name": recipe.name, "seed": recipe.seed, "split": recipe.eval.split, "environment": environment()}
         if train and (recipe.train.epochs or recipe.train.max_steps):
-            metrics["train"] = fit(recipe, adapter, data.train, accelerator, run_dir, resume=resume)
+            metrics["train"] = fit(recipe, adapter, data.train, accelerator, run_dir, resume=resume,
+                                   monitor_set=data.validation)
         adapter = accelerator.unwrap_model(adapter)
         if main:
             save_weights(adapter, run_dir / "model.safetensors")

@@ -126,10 +126,33 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int = 2) -> Non
     accelerator.wait_for_everyone()
 
 
-def fit(recipe: Recipe, adapter, train_set, accelerator, run_dir: Path, resume: bool = False) -> dict:
-    """Train ``adapter`` in place with the recipe's defense; returns per-epoch history and timing."""
+def defense_step(defense, view, batch, accelerator) -> dict:
+    """One forward/backward of the defense. A defense that needs several backward passes per step
+    (FreeLB's accumulated ascent) defines ``step(model, batch, backward)`` and calls ``backward``
+    itself; every other defense defines ``loss(model, batch)`` and the loop back-propagates it."""
+    if hasattr(defense, "step"):
+        return defense.step(view, batch, accelerator.backward)
+    out = defense.loss(view, batch)
+    accelerator.backward(out["loss"])
+    return out
+
+
+def fit(recipe: Recipe, adapter, train_set, accelerator, run_dir: Path, resume: bool = False,
+        monitor_set=None) -> dict:
+    """Train ``adapter`` in place with the recipe's defense; returns per-epoch history and timing.
+
+    A *step* consumes one batch (``grad_accum`` batches with accumulation). Defenses with
+    ``replays = m`` (Free-AT) make m optimizer updates on each batch. Numbers a defense reports in
+    ``out["stats"]`` (e.g. counts of abnormal adversarial examples) are summed per epoch. With
+    ``train.monitor_examples`` the loop measures PGD robust accuracy on a fixed held-out batch after
+    every epoch and flags catastrophic overfitting (see ``monitor.py``).
+    """
+    from .monitor import RobustMonitor
+
     cfg = recipe.train
-    defense = build_defense(recipe.defense.model_dump(exclude_none=True), recipe.resolved_task.threat)
+    task = recipe.resolved_task
+    defense = build_defense(recipe.defense.model_dump(exclude_none=True), task.threat)
+    replays = int(getattr(defense, "replays", 1))
     if cfg.batch_size % accelerator.num_processes:
         raise ValueError(f"train.batch_size {cfg.batch_size} must be divisible by {accelerator.num_processes} processes")
     sampler = EpochPermutation(len(train_set), recipe.seed)
@@ -138,9 +161,12 @@ def fit(recipe: Recipe, adapter, train_set, accelerator, run_dir: Path, resume: 
     steps_per_epoch = max(1, len(loader) // cfg.grad_accum)
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
     optimizer = make_optimizer([p for p in adapter.parameters() if p.requires_grad], cfg)
-    schedule = make_schedule(optimizer, cfg, total)
+    schedule = make_schedule(optimizer, cfg, total * replays)
     wrapped, optimizer, loader, schedule = accelerator.prepare(adapter, optimizer, loader, schedule)
     view = TrainView(accelerator.unwrap_model(wrapped), wrapped)
+    monitor = None
+    if cfg.monitor_examples and monitor_set is not None:
+        monitor = RobustMonitor(monitor_set, adapter.collate, cfg.monitor_examples, task.threat, accelerator.device)
 
     step = 0
     if resume and (ckpt := latest_checkpoint(run_dir)) is not None:
@@ -156,17 +182,20 @@ def fit(recipe: Recipe, adapter, train_set, accelerator, run_dir: Path, resume: 
         skip = (step - epoch * steps_per_epoch) * cfg.grad_accum
         wrapped.train()
         sums = torch.zeros(3, device=accelerator.device)  # loss sum, correct, count
+        stats: dict[str, float] = {}
         for i, batch in enumerate(loader):
             if i < skip:
                 continue
-            with accelerator.accumulate(wrapped):
-                out = defense.loss(view, batch)
-                accelerator.backward(out["loss"])
-                if cfg.grad_clip and accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad()
+            for _ in range(replays):
+                with accelerator.accumulate(wrapped):
+                    out = defense_step(defense, view, batch, accelerator)
+                    if cfg.grad_clip and accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
+                    optimizer.step()
+                    schedule.step()
+                    optimizer.zero_grad()
+                for key, value in out.get("stats", {}).items():
+                    stats[key] = stats.get(key, 0.0) + float(value)
             n = len(batch["labels"])
             sums += torch.stack([out["loss"].detach().float() * n,
                                  (out["logits"].argmax(-1) == batch["labels"]).sum().float(),
@@ -181,13 +210,21 @@ def fit(recipe: Recipe, adapter, train_set, accelerator, run_dir: Path, resume: 
                     break
         sums = accelerator.reduce(sums, reduction="sum")
         if sums[2] > 0:
-            history.append({"epoch": epoch, "step": step, "loss": (sums[0] / sums[2]).item(),
-                            "train_accuracy": (sums[1] / sums[2]).item()})
-            log.info("epoch %d: loss %.4f, train accuracy %.4f (on the training objective's inputs)",
-                     epoch, history[-1]["loss"], history[-1]["train_accuracy"])
+            entry = {"epoch": epoch, "step": step, "loss": (sums[0] / sums[2]).item(),
+                     "train_accuracy": (sums[1] / sums[2]).item()}
+            if stats:
+                keys = sorted(stats)
+                totals = accelerator.reduce(torch.tensor([stats[k] for k in keys], device=accelerator.device), "sum")
+                entry.update({k: v.item() for k, v in zip(keys, totals)})
+            if monitor is not None:
+                entry.update(monitor.check(view.unwrapped, epoch))
+            history.append(entry)
+            log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                      for k, v in entry.items() if k != "epoch"))
         epoch += 1
     bar.close()
     accelerator.wait_for_everyone()
     seconds = time.time() - start
     return {"history": history, "steps": step, "seconds": seconds,
+            "catastrophic_overfitting": bool(monitor and monitor.overfit_epochs),
             "examples_per_second": step * cfg.batch_size * cfg.grad_accum / seconds if seconds and step else None}
