@@ -180,7 +180,6 @@ def test_fgsm_is_one_pgd_step(trained_cnn, batch):
     assert acc(trained_cnn, fgsm, batch) < acc(trained_cnn, z0, batch) - 0.2
 
 
-@pytest.mark.xfail(strict=True, reason="bug: FGSM(eps=0) builds PGD(alpha=0), which fails PGD's alpha > 0 check")
 def test_fgsm_zero_eps_returns_clean_point(trained_cnn, small_batch):
     z = FGSM(eps=0.0)(trained_cnn, small_batch)
     assert torch.equal(z, small_batch["pixel_values"])
@@ -262,8 +261,6 @@ def test_build_attack_unknown_name_lists_valid():
     assert "nope" in str(err.value) and "pgd" in str(err.value) and "fgsm" in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: build_attack gives FGSM the task's PGD step size (threat.alpha), "
-                                      "so FGSM steps alpha instead of eps")
 def test_fgsm_step_is_eps_even_when_task_sets_pgd_alpha(trained_cnn, small_batch):
     threat = ThreatModel(eps=0.1, alpha=0.01, steps=10)
     fgsm = build_attack({"name": "fgsm"}, threat)

@@ -33,9 +33,15 @@ def subprocess_env():
     ("defenses", ["erm", "pgd-at"]),
 ])
 def test_list(capsys, what, names):
+    from unirobust.registry import ATTACKS, DEFENSES, MODELS
+
+    registered = {"models": [f"{n}:<name>" for n in MODELS.names()], "attacks": ATTACKS.names(),
+                  "defenses": DEFENSES.names()}.get(what, [])
     code, out, err = run_main(capsys, "list", what)
     assert code == 0
     listed = [line.split()[0] for line in out.splitlines() if line.strip()]
+    if registered:
+        assert listed == registered  # every registered name, sorted, once
     for name in names:
         assert name in listed, out
     assert "INVALID" not in out

@@ -104,8 +104,6 @@ def test_missing_text_field(tmp_path):
         load_task(get_task(str(path)))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: label names that look like integers ('-1', '1') are read as "
-                                      "class indices, never matched by name")
 def test_integer_like_label_names_match_by_name(tmp_path):
     write_lines(tmp_path / "data" / "train.tsv", ["-1\tbad", "1\tgood", "-1\tworse"])
     path = write_task(tmp_path, text_task({"loader": "local", "path": "data", "columns": ["label", "sentence"],
@@ -247,8 +245,6 @@ def test_stratified_holdout(tmp_path):
     assert (ids_of(again.test, n) == ids["test"]).all()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: holdout fractions after the first are taken of what is left "
-                                      "(digits validation is 16% of the data, its task file says 20%)")
 def test_holdout_fractions_are_of_the_whole_dataset(digits_data):
     total = len(digits_data.train) + len(digits_data.validation) + len(digits_data.test)
     assert len(digits_data.test) == pytest.approx(0.2 * total, abs=1)

@@ -25,6 +25,7 @@ def select(batch: dict, idx: torch.Tensor) -> dict:
 
 def cascade(adapter, batch: dict, attacks: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
     """Correct-after-each-stage flags, S+1 x B (stage 0 = clean), and the predictions."""
+    was_training = adapter.training
     adapter.eval()
     labels = batch["labels"]
     with torch.no_grad():
@@ -39,6 +40,7 @@ def cascade(adapter, batch: dict, attacks: Sequence) -> tuple[torch.Tensor, torc
             with torch.no_grad():
                 robust[idx] = adapter.logits(z_adv, sub).argmax(-1) == sub["labels"]
         stages.append(robust.clone())
+    adapter.train(was_training)
     return torch.stack(stages), pred
 
 

@@ -22,6 +22,14 @@ class RecipeError(ValueError):
     """An invalid recipe; the message lists every problem (the CLI prints it and exits with code 2)."""
 
 
+class Problems(ValueError):
+    """Several recipe problems, one formatted line each."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -100,19 +108,44 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _resolve(self) -> "Recipe":
-        """Check names and budgets against the task, without loading data or models."""
-        overrides = self.task.model_dump(exclude={"name"})
-        self._task = get_task(self.task.name, overrides)
-        self._task.check_data()
-        source = self.model.spec.partition(":")[0]
-        if ":" in self.model.spec:
-            MODELS.check(source)
+        """Check names and budgets against the task, without loading data or models; every problem
+        is collected with its field path and raised together as one :class:`Problems`."""
+        from pathlib import Path as _Path
+
         from .attacks import build_attack
         from .defenses import build_defense
 
-        build_defense(self.defense.model_dump(exclude_none=True), self._task.threat)
-        for a in self.eval.attacks:
-            build_attack(a.params(), self._task.threat)
+        problems: list[str] = []
+
+        def attempt(prefix: str, fn, *args):
+            try:
+                return fn(*args)
+            except ValidationError as err:
+                problems.extend(_describe(err, prefix))
+            except (UnknownName, TaskError, ValueError, TypeError) as err:
+                problems.append(f"  {prefix.rstrip('.') or '(recipe)'}: {err}")
+            return None
+
+        overrides = self.task.model_dump(exclude={"name"})
+        self._task = attempt("task.", get_task, self.task.name, overrides)
+        if self._task is not None:
+            attempt("task.source.", self._task.check_data)
+        source, sep, _ = self.model.spec.partition(":")
+        if sep:
+            attempt("model.spec.", MODELS.check, source)
+        elif not _Path(self.model.spec).is_dir():
+            problems.append(f"  model.spec: {self.model.spec!r} needs a source prefix "
+                            f"({', '.join(n + ':<name>' for n in MODELS.names())}) or must be a local model folder")
+        threat = self._task.threat if self._task is not None else None
+        if threat is not None:
+            if self.defense.attack is not None:
+                attempt("defense.attack.", build_attack, self.defense.attack.params(), threat)
+            if not any(p.startswith("  defense.attack") for p in problems):
+                attempt("defense.", build_defense, self.defense.model_dump(exclude_none=True), threat)
+            for i, a in enumerate(self.eval.attacks):
+                attempt(f"eval.attacks.{i}.", build_attack, a.params(), threat)
+        if problems:
+            raise Problems(problems)
         return self
 
     @property
@@ -134,26 +167,40 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """``raw`` with each ``a.b=value`` set (nested dicts are created as needed)."""
-    out = deep_merge(raw, {})
+    """``raw`` with each ``a.b=value`` set; nested dicts are created as needed and a number
+    indexes a list (``eval.attacks.0.eps=0.1``)."""
+    import copy
+
+    out = copy.deepcopy(raw)
     for text in overrides:
         path, value = parse_override(text)
         node = out
-        for part in path[:-1]:
-            nxt = node.get(part)
-            node[part] = nxt = deep_merge(nxt, {}) if isinstance(nxt, dict) else {}
-            node = nxt
-        node[path[-1]] = value
+        for depth, part in enumerate(path):
+            last = depth == len(path) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise RecipeError(f"override {text!r}: {'.'.join(path[:depth]) or 'value'} has "
+                                      f"{len(node)} items; {part!r} is not an index of it")
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise RecipeError(f"override {text!r}: {'.'.join(path[:depth])} is not a mapping")
+            if last:
+                node[part] = value
+            else:
+                if not isinstance(node, list) and not isinstance(node.get(part), (dict, list)):
+                    node[part] = {}
+                node = node[part]
     return out
 
 
+def _describe_one(e: dict, prefix: str = "") -> list[str]:
+    where = prefix + ".".join(str(p) for p in e["loc"]) or "(recipe)"
+    got = f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""
+    return [f"  {where}: {e['msg']}{got}"]
+
+
 def _describe(err: ValidationError, prefix: str = "") -> list[str]:
-    lines = []
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(recipe)"
-        got = f" (got {e['input']!r})" if e["type"] not in ("missing",) and not isinstance(e["input"], dict) else ""
-        lines.append(f"  {prefix}{where}: {e['msg']}{got}")
-    return lines
+    return [line for e in err.errors() for line in _describe_one(e, prefix)]
 
 
 def validate(raw: dict, where: str = "recipe") -> Recipe:
@@ -163,15 +210,8 @@ def validate(raw: dict, where: str = "recipe") -> Recipe:
         lines = []
         for e in err.errors():
             ctx = e.get("ctx", {}).get("error")
-            if isinstance(ctx, (UnknownName, TaskError, ValidationError)):
-                if isinstance(ctx, ValidationError):
-                    lines += _describe(ctx, prefix="")
-                else:
-                    lines.append(f"  {ctx}")
-        lines = lines or _describe(err)
+            lines += ctx.lines if isinstance(ctx, Problems) else _describe_one(e)
         raise RecipeError(f"invalid {where}:\n" + "\n".join(dict.fromkeys(lines))) from None
-    except (UnknownName, TaskError, TypeError) as err:
-        raise RecipeError(f"invalid {where}:\n  {err}") from None
 
 
 def read_yaml(path: str | Path) -> dict:

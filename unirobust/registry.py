@@ -53,7 +53,11 @@ class Registry:
         target = self._entries[name]
         if isinstance(target, str):
             module, _, attr = target.partition(":")
-            target = getattr(importlib.import_module(module), attr)
+            try:
+                target = getattr(importlib.import_module(module), attr)
+            except (ImportError, AttributeError) as err:
+                raise UnknownName(f"{self.kind} {name!r} is registered but cannot be loaded ({err}); "
+                                  f"is an optional dependency missing?") from err
             self._entries[name] = target
         return target
 

@@ -45,7 +45,7 @@ class ThreatModel(Strict):
 
     norm: Literal["linf", "l2"] = "linf"
     eps: float = Field(ge=0)
-    alpha: float | None = Field(default=None, gt=0, description="PGD step size; default eps/4")
+    alpha: float | None = Field(default=None, gt=0, description="multi-step attack step size; default 2.5 * eps / steps")
     steps: int = Field(default=10, ge=1)
     relative: bool = False
 
@@ -249,11 +249,12 @@ def _normalise_labels(task: Task, ds):
     names = {n: i for i, n in enumerate(task.labels)}
 
     def to_index(v):
-        if isinstance(v, str) and not v.lstrip("-").isdigit():
-            if v not in names:
-                raise TaskError(f"task {task.name!r}: unknown label {v!r}; labels: {task.labels}")
+        if isinstance(v, str) and v in names:  # a label name, even one that looks like a number
             return names[v]
-        return int(v)
+        try:
+            return int(v)
+        except (TypeError, ValueError):
+            raise TaskError(f"task {task.name!r}: unknown label {v!r}; labels: {task.labels}") from None
 
     ys = np.asarray([to_index(v) for v in ds["label"]], dtype=np.int64)
     ds = ds.remove_columns("label").add_column("label", ys.tolist())
@@ -270,8 +271,12 @@ def load_task(task: Task, seed: int = 0) -> TaskData:
     if "train" not in raw:
         raise TaskError(f"task {task.name!r}: the source gave no train split (got {sorted(raw)})")
     splits = {k: _normalise_labels(task, v) for k, v in raw.items()}
-    for name, frac in task.source.holdout.items():
-        splits["train"], splits[name] = _stratified_holdout(splits["train"], frac, task.source.seed)
+    whole = len(splits["train"])
+    if sum(task.source.holdout.values()) >= 1:
+        raise TaskError(f"task {task.name!r}: source.holdout fractions must sum to less than 1")
+    for name, frac in task.source.holdout.items():  # fractions of the whole train source
+        splits["train"], splits[name] = _stratified_holdout(splits["train"], frac * whole / len(splits["train"]),
+                                                            task.source.seed)
     splits.setdefault("validation", splits.get("test"))
     splits.setdefault("test", splits["validation"])
     if splits["validation"] is None:

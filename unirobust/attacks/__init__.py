@@ -20,6 +20,8 @@ def build_attack(spec: dict[str, Any], threat=None):
     if threat is not None:
         for key in THREAT_KEYS:
             value = getattr(threat, key, None)
+            if key == "alpha" and "steps" not in fields:
+                continue  # the task's alpha is a multi-step size; single-step attacks keep their own
             if key in fields and key not in spec and value is not None:
                 spec[key] = value
     return cls(**spec)

@@ -133,6 +133,7 @@ class FGSM:
     relative: bool = False
 
     def __call__(self, model, batch: dict) -> Tensor:
-        pgd = PGD(eps=self.eps, norm=self.norm, alpha=self.alpha or self.eps, steps=1,
+        alpha = self.alpha if self.alpha is not None else (self.eps or None)  # eps = 0: PGD returns z0
+        pgd = PGD(eps=self.eps, norm=self.norm, alpha=alpha, steps=1,
                   random_start=self.random_start, targeted=self.targeted, relative=self.relative)
         return pgd(model, batch)

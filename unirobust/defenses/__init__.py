@@ -15,10 +15,11 @@ from ..registry import DEFENSES
 def build_defense(spec: dict[str, Any], threat=None):
     """A defense from ``{name: pgd-at, attack: {name: pgd, ...}, ...}``; the attack budget defaults to ``threat``."""
     spec = dict(spec)
-    cls = DEFENSES.get(spec.pop("name"))
+    name = spec.pop("name")
+    cls = DEFENSES.get(name)
     attack = spec.pop("attack", None)
     if "attack" in inspect.signature(cls).parameters:
         spec["attack"] = build_attack(attack or {"name": "pgd"}, threat)
     elif attack is not None:
-        raise ValueError("this defense takes no attack")
+        raise ValueError(f"defense {name!r} takes no attack; remove defense.attack (or set defense.attack=null)")
     return cls(**spec)
