@@ -111,6 +111,8 @@ class PGD:
                 move = normalize_step(grad, self.norm, adapter.ball_dims) * step * mask
                 move = move * broadcast_mask(~done, move)
                 z = adapter.project(z.detach() + move, z0, batch, self).detach()
+            if self.restarts == 1:
+                return z  # nothing to compare against: skip the scoring forward pass
             with torch.no_grad():
                 logits = adapter.logits(z, batch)
                 loss, success = attack_loss(logits, labels, targets), succeeded(logits, labels, targets)

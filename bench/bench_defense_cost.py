@@ -1,0 +1,148 @@
+"""Cost of one training step of each defense, as a ratio to ERM's step measured in the same run.
+
+    python bench/bench_defense_cost.py [--modality vision|text|both] [--repeats 5]
+
+Vision: timm:test_resnet on animal-mnist, batch 128. Text: all-MiniLM-L6-v2 on the bundled SST-2
+sample, batch 32, max_length 64. A step is forward + backward + optimizer update on one fixed batch
+(for Free-AT one replay, i.e. one update). Text also times a minimal hand-written embedding PGD-AT
+loop with K=3 as the reference that unirobust's ``pgd-at`` must match within 5%. Targets (issue 3):
+a K-step method <= (K+1)x ERM; free-at and fgsm-at <= 2.3x. Figures go to bench/results/defense_cost.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import timed, write_result  # noqa: E402
+
+from unirobust.compat import ensure_torchvision  # noqa: E402
+
+K = 3
+DEFENSES = {  # name -> (recipe spec, number of attack steps K for the (K+1)x bound, or None)
+    "erm": ({"name": "erm"}, None),
+    "pgd-at": ({"name": "pgd-at", "attack": {"name": "pgd", "steps": K}}, K),
+    "trades": ({"name": "trades", "attack": {"name": "pgd", "steps": K}}, K),
+    "mart": ({"name": "mart", "attack": {"name": "pgd", "steps": K}}, K),
+    "fat": ({"name": "fat", "attack": {"name": "pgd", "steps": K}}, K),
+    "fgsm-at": ({"name": "fgsm-at", "guard": "none"}, "2.3"),
+    "free-at": ({"name": "free-at"}, "2.3"),
+    "freelb": ({"name": "freelb", "steps": K}, K),
+    "iat": ({"name": "iat", "attack": {"name": "pgd", "steps": K}}, K),
+    "embedding-at": ({"name": "embedding-at", "steps": K}, K),
+}
+
+
+def setup(modality: str):
+    from unirobust.models import build_model
+    from unirobust.tasks import get_task, load_task
+
+    if modality == "vision":
+        task = get_task("animal-mnist")
+        model = build_model("timm:test_resnet", task)
+        n = 128
+    else:
+        task = get_task("sst2-sample")
+        model = build_model("hf:sentence-transformers/all-MiniLM-L6-v2", task, max_length=64)
+        n = 32
+    data = load_task(task).train
+    batch = model.collate([data[i] for i in range(n)])
+    return task, model, batch
+
+
+class Backward:
+    """Stands in for the Accelerator in ``defense_step``: plain ``loss.backward()``."""
+
+    @staticmethod
+    def backward(loss):
+        loss.backward()
+
+
+def step_fn(defense, model, batch, optimizer):
+    from unirobust.train import defense_step
+
+    def step():  # one optimizer update (for Free-AT: one of its m replays)
+        defense_step(defense, model, batch, Backward)
+        optimizer.step()
+        optimizer.zero_grad()
+    return step
+
+
+def hand_written_pgd_at(model, batch, optimizer, eps: float, steps: int = K):
+    """The minimal embedding PGD-AT loop a researcher would write: per-token L2 ball relative to the
+    token norm, K normalised ascent steps, then one update on the adversarial embeddings."""
+    hf = model.model
+    mask = model.perturbable(batch).unsqueeze(-1).float()
+    inputs = {k: batch[k] for k in ("attention_mask", "token_type_ids") if k in batch}
+
+    def step():
+        hf.eval()
+        emb = hf.get_input_embeddings()(batch["input_ids"])
+        radius = eps * emb.detach().norm(dim=-1, keepdim=True)
+        delta = torch.zeros_like(emb, requires_grad=True)
+        for _ in range(steps):
+            loss = F.cross_entropy(hf(inputs_embeds=emb.detach() + delta, **inputs).logits, batch["labels"])
+            g, = torch.autograd.grad(loss, delta)
+            d = delta.detach() + 2.5 * radius / steps * g / g.norm(dim=-1, keepdim=True).clamp_min(1e-12) * mask
+            delta = (d * (radius / d.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1)).requires_grad_(True)
+        hf.train()
+        loss = F.cross_entropy(hf(inputs_embeds=emb + delta.detach(), **inputs).logits, batch["labels"])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return step
+
+
+def measure(modality: str, repeats: int) -> dict:
+    from unirobust.defenses import build_defense
+
+    task, model, batch = setup(modality)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    seconds, missing = {}, []
+    for name, (spec, _) in DEFENSES.items():
+        try:
+            defense = build_defense(spec, task.threat)
+        except Exception as err:  # a defense not built yet is reported, not fatal
+            missing.append(f"{name}: {err}")
+            continue
+        seconds[name] = timed(step_fn(defense, model, batch, optimizer), repeats)
+        print(f"{modality:6s} {name:13s} {seconds[name]:.3f} s/step  {seconds[name] / seconds['erm']:.2f}x", flush=True)
+    if modality == "text":
+        seconds["hand-written pgd-at K=3"] = timed(hand_written_pgd_at(model, batch, optimizer, task.threat.eps), repeats)
+        print(f"text   hand-written  {seconds['hand-written pgd-at K=3'] / seconds['erm']:.2f}x", flush=True)
+    ratios = {k: v / seconds["erm"] for k, v in seconds.items()}
+    checks = {}
+    for name, (_, bound) in DEFENSES.items():
+        if name in ratios and bound is not None:
+            limit = float(bound) if isinstance(bound, str) else bound + 1
+            checks[name] = {"ratio": ratios[name], "limit": limit, "ok": ratios[name] <= limit}
+    if "hand-written pgd-at K=3" in ratios and "pgd-at" in ratios:
+        rel = ratios["pgd-at"] / ratios["hand-written pgd-at K=3"]
+        checks["pgd-at vs hand-written"] = {"ratio": rel, "limit": 1.05, "ok": rel <= 1.05}
+    return {"batch_size": len(batch["labels"]), "seconds_per_step": seconds, "ratio_to_erm": ratios,
+            "checks": checks, "not_measured": missing}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--modality", choices=["vision", "text", "both"], default="both")
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+    ensure_torchvision()
+    torch.manual_seed(0)
+    results = {m: measure(m, args.repeats) for m in (["vision", "text"] if args.modality == "both" else [args.modality])}
+    path = write_result("defense_cost", {"threads": torch.get_num_threads(), "results": results})
+    for m, r in results.items():
+        for name, c in r["checks"].items():
+            print(f"{m:6s} {name:24s} {c['ratio']:.2f} (limit {c['limit']:.2f}) {'ok' if c['ok'] else 'OVER'}")
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()
