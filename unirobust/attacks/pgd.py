@@ -90,14 +90,18 @@ class PGD:
             return z0
         labels = batch["labels"]
         targets = pick_targets(batch, adapter.num_classes) if self.targeted else None
-        mask = broadcast_mask(adapter.perturbable(batch), z0)
+        mask = adapter.perturbable(batch)
+        mask = None if bool(mask.all()) else broadcast_mask(mask, z0)  # vision: everything moves
         radius = adapter.radius(z0, batch, self)
         step = self.step_size * radius / self.eps
         best = z0.clone()
         best_loss = torch.full_like(labels, float("-inf"), dtype=z0.dtype)
         found = torch.zeros_like(labels, dtype=torch.bool)
         for _ in range(self.restarts):
-            z = z0 + random_in_ball(z0, self.norm, radius, adapter.ball_dims) * mask if self.random_start else z0
+            z = z0
+            if self.random_start:
+                noise = random_in_ball(z0, self.norm, radius, adapter.ball_dims)
+                z = z0 + (noise if mask is None else noise * mask)
             z = adapter.project(z, z0, batch, self).detach()
             done = torch.zeros_like(found)
             for _ in range(self.steps):
@@ -108,8 +112,11 @@ class PGD:
                     grad, = torch.autograd.grad(loss.sum(), z)
                 if self.early_stop:
                     done |= succeeded(logits.detach(), labels, targets)
-                move = normalize_step(grad, self.norm, adapter.ball_dims) * step * mask
-                move = move * broadcast_mask(~done, move)
+                move = normalize_step(grad, self.norm, adapter.ball_dims) * step
+                if mask is not None:
+                    move = move * mask
+                if self.early_stop:
+                    move = move * broadcast_mask(~done, move)
                 z = adapter.project(z.detach() + move, z0, batch, self).detach()
             if self.restarts == 1:
                 return z  # nothing to compare against: skip the scoring forward pass

@@ -58,7 +58,7 @@ def normalize_step(grad: Tensor, norm: str, dims: tuple[int, ...]) -> Tensor:
 def clip_to_ball(delta: Tensor, norm: str, radius: Tensor, dims: tuple[int, ...]) -> Tensor:
     """Project ``delta`` onto the per-unit ball of ``radius`` (broadcastable to delta)."""
     if norm == "linf":
-        return torch.maximum(torch.minimum(delta, radius), -radius)
+        return delta.clamp(min=-radius, max=radius)
     scale = (radius / unit_norm(delta, "l2", dims).clamp_min(1e-12)).clamp(max=1.0)
     return delta * scale
 

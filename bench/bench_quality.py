@@ -1,0 +1,79 @@
+"""Clean and robust accuracy of each defense under one shared training budget, with training time.
+
+    python bench/bench_quality.py --suite vision [--max-train 3000 --epochs 3 --eval 500]
+
+Runs the recipes of the suite (recipes/defenses/<task>_<defense>.yaml) with the same overrides
+(training set size, epochs, evaluation size) into bench/runs/, then tabulates clean accuracy, the
+cascade (FGSM, then 20-step PGD), worst-class robust accuracy, training seconds and a flag for
+catastrophic overfitting. Writes bench/results/quality_<suite>.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_result  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SUITES = {
+    "vision": ("animal_mnist", ["erm", "pgd_at", "trades", "mart", "fat", "fgsm_at", "free_at", "freelb", "iat"]),
+    "text": ("sst2_minilm", ["erm", "pgd_at", "trades", "fat", "fgsm_at", "free_at", "freelb", "embedding_at"]),
+}
+TEXT_BASELINES = {"erm": "recipes/sst2_minilm_embedding_at.yaml", "pgd_at": "recipes/sst2_minilm_embedding_at.yaml"}
+
+
+def recipe_for(suite: str, defense: str) -> tuple[Path, list[str]]:
+    prefix, _ = SUITES[suite]
+    for path in (ROOT / "recipes" / "defenses" / f"{prefix}_{defense}.yaml", ROOT / "recipes" / f"{prefix}_{defense}.yaml"):
+        if path.exists():
+            return path, []
+    if suite == "text" and defense in TEXT_BASELINES:
+        extra = ["defense.name=erm", "defense.attack=null"] if defense == "erm" else []
+        return ROOT / TEXT_BASELINES[defense], extra + [f"name={prefix}_{defense}"]
+    raise FileNotFoundError(path)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", choices=sorted(SUITES), default="vision")
+    p.add_argument("--defenses", nargs="*", help="subset of the suite's defenses")
+    p.add_argument("--max-train", type=int, default=3000)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--eval", type=int, default=500, help="evaluation examples")
+    p.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every recipe")
+    args = p.parse_args()
+
+    from unirobust.recipe import load_recipes
+    from unirobust.report import metrics_table
+    from unirobust.runs import execute
+
+    out_dir = ROOT / "bench" / "runs" / args.suite
+    rows, table_rows = {}, {}
+    for defense in args.defenses or SUITES[args.suite][1]:
+        path, extra = recipe_for(args.suite, defense)
+        overrides = [*extra, f"task.max_train={args.max_train}", f"train.epochs={args.epochs}",
+                     f"eval.max_examples={args.eval}", f"output_dir={out_dir}", *args.set]
+        recipe = load_recipes(path, overrides)[0]
+        start = time.time()
+        m = execute(recipe)
+        ev, tr = m["eval"], m.get("train", {})
+        rows[defense] = {"recipe": str(path.relative_to(ROOT)), "overrides": overrides,
+                         "clean_accuracy": ev["clean_accuracy"], "robust_accuracy": ev["robust_accuracy"],
+                         "cascade": ev["cascade"], "worst_class_robust_accuracy": ev["worst_class_robust_accuracy"],
+                         "train_seconds": tr.get("seconds"), "wall_seconds": time.time() - start,
+                         "catastrophic_overfitting": tr.get("catastrophic_overfitting")}
+        table_rows[f"{defense} ({tr.get('seconds', 0):.0f} s train)"] = ev
+        print(json.dumps({defense: rows[defense]}, default=str), flush=True)
+    path = write_result(f"quality_{args.suite}", {"suite": args.suite, "max_train": args.max_train,
+                                                  "epochs": args.epochs, "eval_examples": args.eval, "rows": rows})
+    print("\n" + metrics_table(table_rows))
+    print(f"\nresults: {path}")
+
+
+if __name__ == "__main__":
+    main()
