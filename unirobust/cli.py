@@ -89,7 +89,8 @@ def cmd_eval(args) -> int:
     from .train import make_accelerator
 
     accelerator = make_accelerator(recipe)
-    metrics = evaluate(adapter, data, attacks, accelerator, args.batch_size or recipe.eval.batch_size, task.labels)
+    metrics = evaluate(adapter, data, attacks, accelerator, args.batch_size or recipe.eval.batch_size, task.labels,
+                       threat=task.threat, check_examples=recipe.eval.check_examples)
     if accelerator.is_main_process:
         print("\n" + metrics_table({str(args.target): metrics}))
         out = Path(args.output) if args.output else (target / "eval.json" if (target / "recipe.yaml").exists() else None)

@@ -45,22 +45,36 @@ def cascade(adapter, batch: dict, attacks: Sequence) -> tuple[torch.Tensor, torc
 
 
 def evaluate(adapter, dataset, attacks: dict[str, object], accelerator, batch_size: int = 64,
-             class_names: Sequence[str] | None = None, desc: str = "eval") -> dict:
-    """Clean and cascaded robust accuracy of ``adapter`` on ``dataset``, overall and per class."""
+             class_names: Sequence[str] | None = None, desc: str = "eval", threat=None,
+             check_examples: int = 32) -> dict:
+    """Clean and cascaded robust accuracy of ``adapter`` on ``dataset``, overall and per class.
+
+    With a ``threat`` model and ``check_examples`` > 0, the gradient-masking sanity checks of
+    ``checks.py`` run on the first examples and their warnings land in ``metrics["warnings"]``."""
     loader = accelerator.prepare_data_loader(
         DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=adapter.collate))
     model = accelerator.unwrap_model(adapter)
     names = list(attacks)
     flags, labels = [], []
     start = time.time()
+    first = None
     for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True):
+        first = batch if first is None else first
         stages, _ = cascade(model, batch, list(attacks.values()))
         stages, y = accelerator.gather_for_metrics((stages.T.contiguous(), batch["labels"]))
         flags.append(stages.cpu())
         labels.append(y.cpu())
     flags = torch.cat(flags).float() if flags else torch.zeros(0, len(names) + 1)
     labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
-    return summarise(flags, labels, names, class_names, time.time() - start)
+    metrics = summarise(flags, labels, names, class_names, time.time() - start)
+    if threat is not None and check_examples and first is not None and accelerator.is_main_process:
+        from .checks import run_checks
+
+        start = time.time()
+        sample = select(first, torch.arange(min(check_examples, len(first["labels"]))))
+        metrics["warnings"] = run_checks(model, sample, threat)
+        metrics["checks_seconds"] = time.time() - start
+    return metrics
 
 
 def summarise(flags: torch.Tensor, labels: torch.Tensor, attack_names: list[str],

@@ -91,6 +91,7 @@ class EvalConfig(Strict):
     batch_size: int = Field(default=64, ge=1)
     max_examples: int | None = Field(default=None, ge=1)
     attacks: list[AttackConfig] = []
+    check_examples: int = Field(default=32, ge=0, description="examples for gradient-masking checks (0 = off)")
 
 
 class Recipe(Strict):

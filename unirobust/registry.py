@@ -79,6 +79,7 @@ ATTACKS.register("pgd", "unirobust.attacks.pgd:PGD", "projected gradient descent
 ATTACKS.register("apgd-ce", "unirobust.attacks.apgd:APGDCE", "APGD with cross-entropy (Croce & Hein 2020)")
 ATTACKS.register("apgd-dlr", "unirobust.attacks.apgd:APGDDLR", "APGD with the DLR loss (Croce & Hein 2020)")
 ATTACKS.register("alt-pgd", "unirobust.attacks.alt_pgd:AltPGD", "PGD alternating CE and margin losses")
+ATTACKS.register("random-search", "unirobust.checks:RandomSearch", "gradient-free random search (Square-attack-like)")
 ATTACKS.register("cw-l2", "unirobust.attacks.cw:CWL2", "Carlini-Wagner L2 (2017), projected onto the threat ball")
 
 DEFENSES.register("erm", "unirobust.defenses.erm:ERM", "standard training on clean inputs")
@@ -100,4 +101,5 @@ LOADERS.register("hub", "unirobust.tasks:load_hub", "datasets.load_dataset(path,
 LOADERS.register("local", "unirobust.tasks:load_local", "local csv / tsv / json / jsonl files, one per split")
 LOADERS.register("npz", "unirobust.tasks:load_npz", "numpy .npz arrays (images, labels)")
 LOADERS.register("sklearn", "unirobust.tasks:load_sklearn", "a dataset bundled with scikit-learn (load_digits, ...)")
+LOADERS.register("advglue", "unirobust.advglue:load_advglue_task", "AdvGLUE: hub adv_glue or a release-format JSON file")
 LOADERS.register("package", "unirobust.tasks:load_package", "data files bundled inside unirobust (offline default)")

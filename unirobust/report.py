@@ -70,6 +70,11 @@ def write_report(run_dir: Path, name: str, metrics: dict) -> None:
     ev = metrics["eval"]
     lines = [f"# {name}", "", metrics_table({name: ev}), "",
              f"Evaluated on {ev['n']} examples ({metrics.get('split', 'test')} split) in {ev['seconds']:.1f} s.", ""]
+    if "warnings" in ev:
+        lines += ["## Gradient-masking checks", ""]
+        lines += [f"- {w}" for w in ev["warnings"]] or ["No warnings (randomness, softmax outputs, zero gradients, "
+                                                        "eps monotonicity, black box vs white box)."]
+        lines += [""]
     train = metrics.get("train")
     if train and train.get("history"):
         lines += ["## Training", "", "| epoch | loss | train accuracy % |", "|---|---|---|"]

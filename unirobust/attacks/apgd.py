@@ -15,15 +15,17 @@ The algorithm (Alg. 1 of the paper), per example:
 - step size eta = 2 eps at first, **per example** (a B-vector, times each unit's radius);
 - momentum 0.75: ``z' = P(z + eta * dir(grad))``, ``z_new = P(z + 0.75 (z' - z) + 0.25 (z - z_prev))``
   (no momentum on the first step); ``dir`` is ``sign`` for Linf and grad / ||grad||_2 per unit for L2;
-- checkpoints: the first after ``p_1 = 0.22`` of the budget, then the gap shrinks by ``0.03`` of
-  the budget per checkpoint down to ``0.06`` (``p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)``,
-  exactly AutoAttack's ``n_iter_2 / size_decr / n_iter_min``); at a checkpoint the step size of an
+- checkpoints (:func:`checkpoints`): the first after ``p_1 = 0.22`` of the budget, then the gap
+  shrinks by ``0.03`` of the budget per checkpoint down to ``0.06``
+  (``p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)``, with AutoAttack's integer rounding:
+  22, 41, 57, 70, 80, 87, 93, 99 for 100 iterations); at a checkpoint the step size of an
   example is halved when (1) its loss increased in at most ``rho = 0.75`` of the steps since the last
   checkpoint, or (2) its step size was not halved at the last checkpoint and its best loss did not
   improve since; a halved example restarts from its best point (and that point's gradient);
 - the point returned is the last misclassified iterate if any, else the highest-loss iterate;
   ``restarts`` re-run the attack only on examples still unbroken (AutoAttack's cheap mode),
-  keeping per example the first success or else the highest loss over restarts.
+  keeping per example the first success or else the highest loss over restarts; examples already
+  misclassified at the clean point are returned unchanged and cost no gradient (as in AutoAttack).
 
 Losses: ``APGDCE`` ascends cross-entropy; ``APGDDLR`` ascends the Difference of Logits Ratio
 ``-(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12)`` (pi sorts the logits decreasingly), which is
@@ -40,7 +42,7 @@ filled in by ``build_attack``; the global RNG is used (no per-call ``seed``).
 from __future__ import annotations
 
 import logging
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +84,22 @@ def dlr_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return margin_loss(logits, labels) / (top[:, 0] - top[:, 2] + 1e-12)
 
 
+def checkpoints(n_iter: int) -> list[int]:
+    """Iteration counts after which APGD checks its step sizes (AutoAttack's schedule).
+
+    The first after ``max(int(0.22 n), 1)`` iterations; each later gap is the previous one minus
+    ``max(int(0.03 n), 1)``, but at least ``max(int(0.06 n), 1)``. For n = 100: 22, 41, 57, 70, 80, 87,
+    93, 99 — the paper's p_j = 0, 0.22, 0.41, 0.57, 0.70, 0.80, 0.87, 0.93, 0.99.
+    """
+    gap, gap_min, decr = max(int(0.22 * n_iter), 1), max(int(0.06 * n_iter), 1), max(int(0.03 * n_iter), 1)
+    out, at = [], gap
+    while at <= n_iter:
+        out.append(at)
+        gap = max(gap - decr, gap_min)
+        at += gap
+    return out
+
+
 def rows(batch: dict, idx: Tensor) -> dict:
     """The rows ``idx`` of every per-example tensor of a batch dict."""
     return {k: v[idx] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}
@@ -108,8 +126,6 @@ class _APGD:
     random_start: bool = True
     relative: bool = False
 
-    loss_name: ClassVar[str] = "ce"
-
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """Per-example loss the attack ascends."""
         raise NotImplementedError
@@ -131,7 +147,8 @@ class _APGD:
         labels = batch["labels"]
         out = z0.clone()
         best_loss = torch.full(labels.shape, float("-inf"), device=z0.device, dtype=z0.dtype)
-        found = torch.zeros_like(labels, dtype=torch.bool)
+        with torch.no_grad():  # already misclassified: nothing to do (AutoAttack attacks only the rest)
+            found = adapter.logits(z0, batch).argmax(-1) != labels
         for _ in range(self.restarts):
             idx = (~found).nonzero().squeeze(-1)
             if len(idx) == 0:
@@ -159,8 +176,7 @@ class _APGD:
         dims = adapter.ball_dims
         mask = broadcast_mask(adapter.perturbable(batch), z0)
         radius = adapter.radius(z0, batch, self)
-        n = self.n_iter
-        k, k_min, k_decr = max(int(0.22 * n), 1), max(int(0.06 * n), 1), max(int(0.03 * n), 1)
+        check_at = set(checkpoints(self.n_iter))
 
         if self.random_start:
             t = (torch.rand_like(z0) * 2 - 1 if self.norm == "linf" else torch.randn_like(z0)) * mask
@@ -179,9 +195,8 @@ class _APGD:
         history = [loss]  # losses since the last checkpoint, starting with the one at it
         loss_best_at_check = loss_best.clone()
         halved_at_check = torch.ones_like(success)
-        since_check = 0
 
-        for i in range(n):
+        for i in range(self.n_iter):
             with torch.no_grad():
                 a = 0.75 if i > 0 else 1.0
                 step = eta.view(per_example) * radius
@@ -199,9 +214,9 @@ class _APGD:
             loss_best = torch.where(better, loss, loss_best)
 
             history.append(loss)
-            since_check += 1
-            if since_check == k:
-                h = torch.stack(history[-(k + 1):])
+            if i + 1 in check_at:
+                h = torch.stack(history)
+                k = len(history) - 1  # iterations since the last checkpoint
                 oscillating = (h[1:] > h[:-1]).sum(0) <= k * self.rho
                 stalled = ~halved_at_check & (loss_best_at_check >= loss_best)
                 halve = oscillating | stalled
@@ -211,16 +226,12 @@ class _APGD:
                     hb = broadcast_mask(halve, z).bool()
                     z, grad = torch.where(hb, z_best, z), torch.where(hb, grad_best, grad)
                 history = [history[-1]]
-                since_check = 0
-                k = max(k - k_decr, k_min)
         return z_best, loss_best, success, z_success
 
 
 @dataclass(config=ConfigDict(extra="forbid"))
 class APGDCE(_APGD):
     """APGD ascending the cross-entropy loss (AutoAttack's first attack)."""
-
-    loss_name: ClassVar[str] = "ce"
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         return F.cross_entropy(logits, labels, reduction="none")
@@ -229,8 +240,6 @@ class APGDCE(_APGD):
 @dataclass(config=ConfigDict(extra="forbid"))
 class APGDDLR(_APGD):
     """APGD ascending the DLR loss (margin loss with 2 classes; see :func:`dlr_loss`)."""
-
-    loss_name: ClassVar[str] = "dlr"
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         return dlr_loss(logits, labels)
