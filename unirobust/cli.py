@@ -17,6 +17,7 @@ EXAMPLES = """examples:
   unirobust run recipes/digits_pgd_at.yaml train.epochs=1 defense.attack.eps=0.05
   unirobust eval runs/digits_pgd_at --attack pgd:eps=0.1,steps=20 --attack fgsm
   unirobust eval timm:resnet18 --task digits --attack pgd
+  unirobust eval runs/sst2_minilm_mvp --advglue path/to/advglue/dev.json
   unirobust list tasks
   unirobust launch --multi_gpu --num_processes 2 -- run recipes/digits_pgd_at.yaml
 """
@@ -89,10 +90,19 @@ def cmd_eval(args) -> int:
     from .train import make_accelerator
 
     accelerator = make_accelerator(recipe)
-    metrics = evaluate(adapter, data, attacks, accelerator, args.batch_size or recipe.eval.batch_size, task.labels,
+    batch_size = args.batch_size or recipe.eval.batch_size
+    metrics = evaluate(adapter, data, attacks, accelerator, batch_size, task.labels,
                        threat=task.threat, check_examples=recipe.eval.check_examples)
+    advglue = None
+    if args.advglue:
+        from .advglue import run_advglue_eval
+
+        advglue = run_advglue_eval(adapter, task, args.advglue, accelerator, batch_size, benign=args.advglue_benign)
+        metrics["advglue"] = {k: v for k, v in advglue.items() if k != "markdown"}
     if accelerator.is_main_process:
         print("\n" + metrics_table({str(args.target): metrics}))
+        if advglue:
+            print("\n" + advglue["markdown"])
         out = Path(args.output) if args.output else (target / "eval.json" if (target / "recipe.yaml").exists() else None)
         if out:
             atomic_write(out, json.dumps(metrics, indent=2))
@@ -166,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-examples", type=int)
     e.add_argument("--batch-size", type=int)
     e.add_argument("--output", help="write metrics JSON here (default: <run>/eval.json)")
+    e.add_argument("--advglue", metavar="HUB_ID|FILE",
+                   help="also score AdvGLUE: hub id (adv_glue) or a release-format dev.json; "
+                        "the AdvGLUE task(s) whose GLUE fields match the run's task")
+    e.add_argument("--advglue-benign", metavar="HUB_ID|FILE",
+                   help="benign counterparts for --advglue (hub glue, or a file in the release format)")
 
     la = sub.add_parser("launch", help="run a unirobust command on several processes (accelerate launch)",
                         description="Options before -- go to `accelerate launch` (e.g. --multi_gpu "
@@ -191,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from .advglue import AdvGLUEError
     from .models.base import ModelSpecError
     from .registry import UnknownName
     from .tasks import TaskError
@@ -205,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "launch":
             return cmd_launch(args)
         return cmd_list(args)
-    except (RecipeError, TaskError, UnknownName, ModelSpecError) as err:
+    except (RecipeError, TaskError, UnknownName, ModelSpecError, AdvGLUEError) as err:
         print(f"unirobust: error: {err}", file=sys.stderr)
         return 2
 

@@ -94,8 +94,10 @@ DEFENSES.register("freelb", "unirobust.defenses.freelb:FreeLB", "FreeLB: accumul
 DEFENSES.register("embedding-at", "unirobust.defenses.embedding_at:EmbeddingAT", "C-AdvUL-style continuous AT")
 DEFENSES.register("iat", "unirobust.defenses.iat:IAT", "interpolated AT: mixup of clean and adv (Lamb et al. 2019)")
 
-MODELS.register("timm", "unirobust.models.vision:build_timm", "timm.create_model(<arch>), pretrained=False offline")
-MODELS.register("hf", "unirobust.models.text:build_hf", "AutoModelForSequenceClassification.from_pretrained(<id or path>)")
+MODELS.register("timm", "unirobust.models.vision:build_timm",
+                "timm.create_model(<arch>), pretrained=False offline; head: classifier | prompt (visual prompting)")
+MODELS.register("hf", "unirobust.models.text:build_hf",
+                "Hugging Face model (<id or path>); head: classifier | prompt (MVP template + verbalizer)")
 
 LOADERS.register("hub", "unirobust.tasks:load_hub", "datasets.load_dataset(path, name)")
 LOADERS.register("local", "unirobust.tasks:load_local", "local csv / tsv / json / jsonl files, one per split")

@@ -91,12 +91,17 @@ class Task(Strict):
     source: DataSource
     max_train: int | None = Field(default=None, ge=1)
     max_eval: int | None = Field(default=None, ge=1)
+    templates: list[str] | None = None  # head: prompt default templates ("{field}" and one [MASK])
+    verbalizer: dict[str, list[str]] | None = None  # head: prompt: label name -> words read at the mask
+    advglue: list[str] | None = None   # AdvGLUE key(s) for `eval --advglue` (default: by text_fields)
     base_dir: str | None = None        # where relative paths are resolved (set when loaded from a file)
 
     @model_validator(mode="after")
     def _modality_fields(self) -> "Task":
         if self.modality == "text" and not 1 <= len(self.text_fields) <= 2:
             raise ValueError("a text task needs text_fields: one field, or two for sentence pairs")
+        if self.verbalizer is not None and set(self.verbalizer) != set(self.labels):
+            raise ValueError(f"verbalizer keys must be the task's labels {self.labels}")
         if self.modality == "vision":
             if not self.image_shape or len(self.image_shape) != 3:
                 raise ValueError("a vision task needs image_shape: [channels, height, width]")

@@ -102,26 +102,59 @@ class TextAdapter(nn.Module):
 
 
 def build_hf(name: str, task, max_length: int = 128, pretrained: bool = True, feature_layer: int = -1,
-             **kwargs) -> TextAdapter:
-    """``hf:<hub id or local folder>``: tokenizer + ``AutoModelForSequenceClassification``.
+             head: str = "classifier", **kwargs) -> TextAdapter:
+    """``hf:<hub id or local folder>``: tokenizer + a model with the chosen ``head``.
 
     Hub ids with an offline copy shipped in a package (``sentence-transformers/all-MiniLM-L6-v2``)
-    resolve to that copy; others load from the hub cache or download. The classification head is
-    new (random) unless the checkpoint has one for this many labels. ``pretrained=False`` keeps the
+    resolve to that copy; others load from the hub cache or download. ``pretrained=False`` keeps the
     architecture and tokenizer but initialises every weight at random.
+
+    ``head``: ``classifier`` (default): ``AutoModelForSequenceClassification``; the classification
+    head is new (random) unless the checkpoint has one for this many labels. ``prompt``: templates +
+    verbalizer read at the mask (MVP; options ``templates``, ``verbalizer``, ``scorer``; see
+    :func:`unirobust.models.prompt.build_prompt_hf`). Other options go to ``from_pretrained``.
     """
     from ..compat import ensure_torchvision
     from ..offline import resolve_hf_model
 
     ensure_torchvision()  # transformers imports torchvision, whose PyPI build breaks next to CPU torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    build = _head_builder(TEXT_HEADS, head)
     path = resolve_hf_model(name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return build(path, task, tokenizer, pretrained=pretrained, max_length=max_length, feature_layer=feature_layer,
+                 **kwargs)
+
+
+def _build_classifier(path: str, task, tokenizer, pretrained: bool = True, max_length: int = 128,
+                      feature_layer: int = -1, **kwargs) -> TextAdapter:
+    """``head: classifier``: ``AutoModelForSequenceClassification`` sized for the task's labels."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
     labels = {"num_labels": task.num_classes, "id2label": dict(enumerate(task.labels)),
               "label2id": {n: i for i, n in enumerate(task.labels)}}
-    tokenizer = AutoTokenizer.from_pretrained(path)
     if pretrained:
         model = AutoModelForSequenceClassification.from_pretrained(path, **labels, **kwargs)
     else:
         model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(path, **labels, **kwargs))
     return TextAdapter(model, tokenizer, task.num_classes, task.text_fields, max_length, feature_layer)
+
+
+#: ``head`` option of ``hf:`` models -> builder (lazy "module:attr", so prompt code loads only when used).
+TEXT_HEADS = {
+    "classifier": "unirobust.models.text:_build_classifier",
+    "prompt": "unirobust.models.prompt:build_prompt_hf",
+}
+
+
+def _head_builder(heads: dict, head: str):
+    """The builder of ``head`` from a table of lazy ``"module:attr"`` paths; unknown heads list the valid ones."""
+    import importlib
+
+    from .base import ModelSpecError
+
+    if head not in heads:
+        raise ModelSpecError(f"unknown model head {head!r}; valid: {', '.join(sorted(heads))}")
+    module, _, attr = heads[head].partition(":")
+    return getattr(importlib.import_module(module), attr)

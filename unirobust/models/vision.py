@@ -76,12 +76,14 @@ class VisionAdapter(nn.Module):
         return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
 
 
-def build_timm(arch: str, task, pretrained: bool = False, **kwargs) -> VisionAdapter:
+def build_timm(arch: str, task, pretrained: bool = False, head: str = "classifier", **kwargs) -> VisionAdapter:
     """``timm:<arch>``: ``timm.create_model`` sized for the task (classes, input channels).
 
     ``pretrained=True`` downloads weights from the hub (needs network); the default builds the
     architecture with random weights. Extra recipe options (``drop_rate``, ``img_size`` for ViTs, ...)
-    go to ``create_model``.
+    go to ``create_model``. ``head: prompt`` is visual prompting onto the classifier's own outputs
+    (options ``prompt``, ``prompt_size``, ``image_size``, ``label_map``, ``source_classes``,
+    ``freeze_backbone``; see :func:`unirobust.models.prompt.build_visual_prompt`).
     """
     from ..compat import ensure_torchvision
 
@@ -92,6 +94,22 @@ def build_timm(arch: str, task, pretrained: bool = False, **kwargs) -> VisionAda
         from ..models.base import ModelSpecError
 
         raise ModelSpecError(f"timm has no model {arch!r}; see timm.list_models('*{arch[:4]}*')")
+    from .text import _head_builder
+
+    return _head_builder(VISION_HEADS, head)(arch, task, pretrained=pretrained, **kwargs)
+
+
+def _build_classifier(arch: str, task, pretrained: bool = False, **kwargs) -> VisionAdapter:
+    """``head: classifier``: the timm model with a new head for the task's classes."""
+    import timm
+
     channels = task.image_shape[0]
     net = timm.create_model(arch, pretrained=pretrained, num_classes=task.num_classes, in_chans=channels, **kwargs)
     return VisionAdapter(net, task.num_classes, task.mean or [0.5] * channels, task.std or [0.5] * channels)
+
+
+#: ``head`` option of ``timm:`` models -> builder (lazy "module:attr").
+VISION_HEADS = {
+    "classifier": "unirobust.models.vision:_build_classifier",
+    "prompt": "unirobust.models.prompt:build_visual_prompt",
+}

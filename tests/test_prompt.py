@@ -1,0 +1,351 @@
+"""Prompt heads (unirobust/models/prompt.py): MVP template + verbalizer for text, visual prompting for vision.
+
+Tiny random BERTs (hidden 32, 2 layers) on the packaged MiniLM tokenizer: ``BertForMaskedLM`` for the
+MLM scorer and ``BertModel`` (no MLM head, like the offline MiniLM) for the tied-embedding scorer.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from unirobust.attacks.pgd import PGD
+from unirobust.models.base import ModelSpecError
+from unirobust.models.prompt import PromptAdapter, parse_template
+
+SST_TEMPLATE = "{sentence} It was [MASK]."
+SST_TEMPLATE_2 = "Review: {sentence} Overall , a [MASK] film !"
+SST_WORDS = [["terrible"], ["great"]]
+NLI_TEMPLATE = "{premise} ? [MASK] , {hypothesis}"
+NLI_WORDS = [["yes"], ["maybe"], ["no"]]
+
+
+def tiny_config(tokenizer):
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64)
+
+
+@pytest.fixture(scope="module")
+def mlm_model(tokenizer):
+    from transformers import BertForMaskedLM
+
+    torch.manual_seed(0)
+    return BertForMaskedLM(tiny_config(tokenizer)).eval()
+
+
+@pytest.fixture(scope="module")
+def encoder_model(tokenizer):
+    from transformers import BertModel
+
+    torch.manual_seed(1)
+    return BertModel(tiny_config(tokenizer), add_pooling_layer=False).eval()
+
+
+def sst_prompt(model, tokenizer, templates=(SST_TEMPLATE,), scorer="mlm", **kw):
+    return PromptAdapter(model, tokenizer, 2, ["sentence"], list(templates), SST_WORDS, scorer, **kw).eval()
+
+
+# ----------------------------------------------------------------------------- templates and batches
+
+
+def test_template_parsing_and_errors():
+    segs = parse_template(NLI_TEMPLATE, ["premise", "hypothesis"])
+    assert segs == [[("field", 0), ("text", " ? "), ("mask",), ("text", " , ")], [("field", 1)]]
+    assert parse_template("{sentence} It was <mask>.", ["sentence"], "<mask>")[0][2] == ("mask",)
+    for bad in ("{sentence} no mask", "{sentence} [MASK] [MASK]", "{text} [MASK]", "[MASK] only"):
+        with pytest.raises(ModelSpecError):
+            parse_template(bad, ["sentence"])
+
+
+def test_batch_layout_single(mlm_model, tokenizer, sentences):
+    adapter = sst_prompt(mlm_model, tokenizer)
+    batch = adapter.collate(sentences)
+    plain = tokenizer([e["sentence"] for e in sentences])["input_ids"]
+    for b, ids in enumerate(plain):
+        tokens = batch["input_ids"][b]
+        n = int(batch["attention_mask"][b].sum())
+        # [CLS] sentence it was [MASK] . [SEP]
+        assert tokens[:n].tolist() == ids[:-1] + tokenizer.convert_tokens_to_ids(["it", "was", "[MASK]", ".", "[SEP]"])
+        assert tokens[batch["mask_positions"][b, 0]] == tokenizer.mask_token_id
+        # perturbable = exactly the sentence's own tokens
+        assert batch["input_token_mask"][b].nonzero().flatten().tolist() == list(range(1, len(ids) - 1))
+    assert batch["input_ids"].shape[1] % 8 == 0
+    assert torch.equal(adapter.perturbable(batch), batch["input_token_mask"])
+
+
+def test_pair_inputs_keep_segment_ids(encoder_model, tokenizer, pairs):
+    adapter = PromptAdapter(encoder_model, tokenizer, 3, ["premise", "hypothesis"], [NLI_TEMPLATE], NLI_WORDS,
+                            "embedding").eval()
+    batch = adapter.collate(pairs)
+    for b, e in enumerate(pairs):
+        plain = tokenizer(e["premise"], e["hypothesis"])
+        real = batch["input_token_mask"][b]
+        ids = batch["input_ids"][b][real].tolist()
+        types = batch["token_type_ids"][b][real].tolist()
+        # the input tokens, in order, with the segment id each has in the plain pair encoding
+        keep = [i for i, t in enumerate(plain["input_ids"]) if t not in tokenizer.all_special_ids]
+        assert ids == [plain["input_ids"][i] for i in keep]
+        assert types == [plain["token_type_ids"][i] for i in keep]
+        n = int(batch["attention_mask"][b].sum())
+        toks = tokenizer.convert_ids_to_tokens(batch["input_ids"][b][:n])
+        assert toks.count("[SEP]") == 2 and toks[0] == "[CLS]"
+        assert toks[batch["mask_positions"][b, 0]] == "[MASK]"
+        sep = toks.index("[SEP]")
+        assert set(batch["token_type_ids"][b][:sep + 1].tolist()) == {0}
+        assert set(batch["token_type_ids"][b][sep + 1:n].tolist()) == {1}
+    assert adapter.logits(adapter.embed(batch), batch).shape == (3, 3)
+
+
+def test_truncation_keeps_template_and_mask(mlm_model, tokenizer):
+    adapter = sst_prompt(mlm_model, tokenizer, max_length=16)
+    batch = adapter.collate([{"sentence": "word " * 50, "label": 0}])
+    n = int(batch["attention_mask"][0].sum())
+    assert n == 16
+    toks = tokenizer.convert_ids_to_tokens(batch["input_ids"][0][:n])
+    assert toks[-5:] == ["it", "was", "[MASK]", ".", "[SEP]"]
+    assert int(batch["input_token_mask"][0].sum()) == 16 - 6  # [CLS] + it was [MASK] . [SEP]
+
+
+# ----------------------------------------------------------------------------- scores
+
+
+def test_logits_of_embed_equal_direct_mlm(mlm_model, tokenizer, sentences):
+    adapter = sst_prompt(mlm_model, tokenizer)
+    batch = adapter.collate(sentences)
+    rows = torch.arange(len(sentences))
+    with torch.no_grad():
+        ours = adapter.logits(adapter.embed(batch), batch)
+        full = mlm_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         token_type_ids=batch["token_type_ids"]).logits
+        direct = full[rows, batch["mask_positions"][:, 0]][:, adapter.verbalizer_ids]
+    torch.testing.assert_close(ours, direct, rtol=0, atol=1e-5)
+
+
+def test_logits_of_embed_equal_direct_embedding_scorer(encoder_model, tokenizer, sentences):
+    adapter = sst_prompt(encoder_model, tokenizer, scorer="embedding")
+    batch = adapter.collate(sentences)
+    rows = torch.arange(len(sentences))
+    words = tokenizer.convert_tokens_to_ids(["terrible", "great"])
+    with torch.no_grad():
+        ours = adapter.logits(adapter.embed(batch), batch)
+        h = encoder_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          token_type_ids=batch["token_type_ids"]).last_hidden_state[rows, batch["mask_positions"][:, 0]]
+        direct = h @ encoder_model.get_input_embeddings().weight[words].T
+    torch.testing.assert_close(ours, direct, rtol=0, atol=1e-5)
+
+
+def test_scores_come_from_the_verbalizer_words(mlm_model, encoder_model, tokenizer, sentences):
+    great = tokenizer.convert_tokens_to_ids("great")
+    for model, scorer in ((mlm_model, "mlm"), (encoder_model, "embedding")):
+        adapter = sst_prompt(model, tokenizer, scorer=scorer)
+        batch = adapter.collate(sentences)
+        with torch.no_grad():
+            before = adapter.logits(adapter.embed(batch), batch)
+            # the positive class's word: its MLM output bias, or its tied input embedding row
+            param = model.get_output_embeddings().bias if scorer == "mlm" else model.get_input_embeddings().weight
+            saved = param[great].clone()
+            torch.manual_seed(0)
+            param[great] += 3.0 if scorer == "mlm" else torch.randn_like(saved)  # (hidden states sum to ~0)
+            after = adapter.logits(adapter.embed(batch), batch)
+            param[great] = saved
+        torch.testing.assert_close(after[:, 0], before[:, 0], rtol=0, atol=1e-6)  # negative: unchanged
+        assert (after[:, 1] - before[:, 1]).abs().min() > 1e-3                   # positive: moved
+        if scorer == "mlm":
+            torch.testing.assert_close(after[:, 1] - before[:, 1], torch.full((len(sentences),), 3.0))
+
+
+def test_multi_word_class_is_the_mean(mlm_model, tokenizer, sentences):
+    two = PromptAdapter(mlm_model, tokenizer, 2, ["sentence"], [SST_TEMPLATE], [["terrible", "awful"], ["great"]]).eval()
+    batch = two.collate(sentences)
+    with torch.no_grad():
+        words = two.word_scores(two.embed(batch), batch)[:, 0]  # B x 3
+        logits = two.logits(two.embed(batch), batch)
+    torch.testing.assert_close(logits[:, 0], words[:, :2].mean(1))
+    torch.testing.assert_close(logits[:, 1], words[:, 2])
+
+
+def test_two_templates_are_averaged_and_share_the_perturbation(mlm_model, tokenizer, sentences):
+    a1, a2 = sst_prompt(mlm_model, tokenizer, [SST_TEMPLATE]), sst_prompt(mlm_model, tokenizer, [SST_TEMPLATE_2])
+    both = sst_prompt(mlm_model, tokenizer, [SST_TEMPLATE, SST_TEMPLATE_2])
+    b1, b2, b12 = a1.collate(sentences), a2.collate(sentences), both.collate(sentences)
+    assert b12["prompt_input_ids"].shape[:2] == (len(sentences), 1)
+    # the second template, as built from the first one's z, is the plain second template
+    k2 = b12["prompt_attention_mask"][:, 0].sum(1)
+    for b in range(len(sentences)):
+        assert b12["prompt_input_ids"][b, 0, :k2[b]].tolist() == b2["input_ids"][b, :k2[b]].tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(both.logits(both.embed(b12), b12),
+                                   (a1.logits(a1.embed(b1), b1) + a2.logits(a2.embed(b2), b2)) / 2, rtol=0, atol=1e-5)
+        # a perturbation of one input word in z acts on both templates
+        torch.manual_seed(0)
+        delta = torch.randn(mlm_model.config.hidden_size)
+        z12, z1, z2 = both.embed(b12), a1.embed(b1), a2.embed(b2)
+        for z, batch in ((z12, b12), (z1, b1), (z2, b2)):
+            first = batch["input_token_mask"].float().argmax(1)  # first input token of each example
+            z[torch.arange(len(sentences)), first] += delta
+        torch.testing.assert_close(both.logits(z12, b12), (a1.logits(z1, b1) + a2.logits(z2, b2)) / 2,
+                                   rtol=0, atol=1e-5)
+
+
+def test_template_tokens_are_never_perturbed(mlm_model, tokenizer, sentences, pairs, encoder_model):
+    cases = [(sst_prompt(mlm_model, tokenizer, [SST_TEMPLATE, SST_TEMPLATE_2]), sentences),
+             (PromptAdapter(encoder_model, tokenizer, 3, ["premise", "hypothesis"], [NLI_TEMPLATE], NLI_WORDS,
+                            "embedding").eval(), pairs)]
+    for adapter, examples in cases:
+        batch = adapter.collate(examples)
+        z0 = adapter.embed(batch).detach()
+        z = PGD(eps=1.0, norm="l2", steps=3)(adapter, batch)
+        moved = (z - z0).norm(dim=-1) > 0
+        fixed = ~batch["input_token_mask"]
+        assert torch.equal(z[fixed], z0[fixed])  # template, mask, special tokens and padding: exactly equal
+        assert moved[batch["input_token_mask"]].all()
+        assert not adapter.training
+
+
+def test_gradient_reaches_the_encoder_and_defense_runs(mlm_model, encoder_model, tokenizer, sentences):
+    import copy
+
+    from unirobust.defenses.pgd_at import PGDAT
+
+    for model, scorer in ((mlm_model, "mlm"), (encoder_model, "embedding")):
+        adapter = sst_prompt(copy.deepcopy(model), tokenizer, scorer=scorer).train()
+        batch = adapter.collate(sentences)
+        out = PGDAT(attack=PGD(eps=0.05, norm="l2", steps=2, relative=True)).loss(adapter, batch)
+        out["loss"].backward()
+        grads = {n: p.grad for n, p in adapter.named_parameters()}
+        layer = [n for n in grads if "encoder.layer.0." in n and n.endswith("query.weight")][0]
+        assert grads[layer].abs().sum() > 0
+        assert adapter.model.get_input_embeddings().weight.grad.abs().sum() > 0
+        assert out["logits"].shape == (len(sentences), 2)
+
+
+def test_verbalizer_errors(mlm_model, tokenizer):
+    with pytest.raises(ModelSpecError, match="one known token"):
+        PromptAdapter(mlm_model, tokenizer, 2, ["sentence"], [SST_TEMPLATE], [["terrible"], ["unputdownable"]])
+    with pytest.raises(ModelSpecError, match="verbalizer has 1"):
+        PromptAdapter(mlm_model, tokenizer, 2, ["sentence"], [SST_TEMPLATE], [["great"]])
+    from unirobust.models.prompt import verbalizer_words
+
+    assert verbalizer_words({"negative": "bad", "positive": ["good", "great"]}, ["negative", "positive"]) == \
+        [["bad"], ["good", "great"]]
+    assert verbalizer_words(None, ["negative", "positive"]) == [["negative"], ["positive"]]
+    with pytest.raises(ModelSpecError, match="missing"):
+        verbalizer_words({"negative": "bad"}, ["negative", "positive"])
+
+
+def test_predict_uses_the_prompt(mlm_model, tokenizer, sentences):
+    adapter = sst_prompt(mlm_model, tokenizer)
+    batch = adapter.collate(sentences)
+    with torch.no_grad():
+        expected = adapter.logits(adapter.embed(batch), batch).argmax(-1)
+    assert torch.equal(adapter.predict([e["sentence"] for e in sentences], batch_size=3), expected)
+
+
+def test_build_hf_head_prompt_picks_the_scorer(tmp_path, tokenizer):
+    """``hf:<folder>`` with ``head: prompt``: an MLM checkpoint keeps its head, a bare encoder scores
+    against its tied embeddings (no random head); the weights round-trip through a run's safetensors."""
+    from transformers import BertForMaskedLM, BertModel
+
+    from unirobust.models import build_model
+    from unirobust.report import load_weights, save_weights
+    from unirobust.tasks import get_task
+
+    task = get_task("sst2-sample")
+    options = {"head": "prompt", "templates": [SST_TEMPLATE], "verbalizer": {"negative": ["terrible"], "positive": ["great"]}}
+    torch.manual_seed(0)
+    for cls, scorer in ((BertForMaskedLM, "mlm"), (BertModel, "embedding")):
+        folder = tmp_path / cls.__name__
+        cls(tiny_config(tokenizer)).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        adapter = build_model(str(folder), task, **options)
+        assert isinstance(adapter, PromptAdapter) and adapter.scorer == scorer
+        assert (adapter.model.get_output_embeddings() is not None) == (scorer == "mlm")
+        save_weights(adapter, tmp_path / "w.safetensors")
+        again = build_model(str(folder), task, **options)
+        load_weights(again, tmp_path / "w.safetensors")
+    with pytest.raises(ModelSpecError, match="unknown model head"):
+        build_model(str(tmp_path / "BertModel"), task, head="nonsense")
+
+
+# ----------------------------------------------------------------------------- vision
+
+
+@pytest.fixture
+def visual(digits_task):
+    from unirobust.models import build_model
+
+    torch.manual_seed(0)
+    return build_model("timm:test_resnet", digits_task, head="prompt", prompt_size=3, source_classes=12, in_chans=3,
+                       label_map=[[0, 11], 1, 2, 3, 4, 5, 6, 7, 8, 9])
+
+
+def test_visual_prompt_pixels_stay_in_range(visual, digits_test_batch):
+    batch = {k: v[:8] for k, v in digits_test_batch.items()}
+    with torch.no_grad():
+        visual.prompt.uniform_(-50, 50)  # extreme prompt parameters
+    z0 = visual.embed(batch)
+    assert torch.equal(z0, batch["pixel_values"])
+    z = PGD(eps=0.3, norm="linf", steps=2)(visual, batch)
+    assert z.min() >= 0 and z.max() <= 1
+    x = visual.apply_prompt(z)
+    assert x.shape == (8, 3, 14, 14) and x.min() >= 0 and x.max() <= 1
+    inner = x[:, :, 3:-3, 3:-3]
+    torch.testing.assert_close(inner, torch.nn.functional.interpolate(z, size=(8, 8), mode="bilinear").expand(-1, 3, -1, -1))
+    # logits(embed(b), b) = label-mapped backbone output on the prompted, normalised image
+    with torch.no_grad():
+        source = visual.net((x - visual.mean) / visual.std)
+        ours = visual.logits(z, batch)
+    torch.testing.assert_close(ours[:, 0], (source[:, 0] + source[:, 11]) / 2)
+    torch.testing.assert_close(ours[:, 1:], source[:, 1:10])
+
+
+def test_visual_prompt_trains_only_the_prompt_when_frozen(visual, digits_test_batch, digits_task):
+    from unirobust.defenses.pgd_at import PGDAT
+    from unirobust.models import build_model
+
+    batch = {k: v[:16] for k, v in digits_test_batch.items()}
+    before = {k: v.clone() for k, v in visual.state_dict().items()}
+    trainable = [p for p in visual.parameters() if p.requires_grad]
+    assert trainable == [visual.prompt]
+    opt = torch.optim.SGD(trainable, lr=1.0)
+    visual.train()
+    assert not visual.net.training  # frozen backbone: batch-norm statistics stay
+    for _ in range(2):
+        loss = PGDAT(attack=PGD(eps=0.1, norm="linf", steps=1)).loss(visual, batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    changed = [k for k, v in visual.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed == ["prompt"]
+    patch = build_model("timm:test_resnet", digits_task, head="prompt", prompt="patch", prompt_size=2,
+                        freeze_backbone=False)
+    assert patch.image_size == 8 and sum(p.requires_grad for p in patch.parameters()) > 1
+    patch.train()
+    assert patch.net.training
+    patch.logits(batch["pixel_values"]).sum().backward()
+    assert patch.prompt.grad.abs().sum() > 0
+    assert next(patch.net.parameters()).grad is not None
+
+
+def test_every_registered_attack_runs_unchanged(encoder_model, tokenizer, pairs):
+    """Every continuous attack in the registry works on a prompt adapter; template tokens never move."""
+    import dataclasses
+
+    from unirobust.attacks import build_attack
+    from unirobust.registry import ATTACKS
+
+    adapter = PromptAdapter(encoder_model, tokenizer, 3, ["premise", "hypothesis"], [NLI_TEMPLATE], NLI_WORDS,
+                            "embedding").eval()
+    batch = adapter.collate(pairs)
+    z0 = adapter.embed(batch).detach()
+    fixed = ~batch["input_token_mask"]
+    budget = SimpleNamespace(norm="l2", eps=0.5, alpha=None, steps=2, relative=True)
+    for name in ATTACKS.names():
+        fields = {f.name for f in dataclasses.fields(ATTACKS.get(name))}
+        short = {k: 2 for k in ("steps", "n_iter", "n_queries") if k in fields}  # keep every attack cheap
+        z = build_attack({"name": name, **short}, budget)(adapter, batch)
+        assert z.shape == z0.shape, name
+        assert torch.equal(z[fixed], z0[fixed]), name
