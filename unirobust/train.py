@@ -130,7 +130,7 @@ def defense_step(defense, view, batch, accelerator) -> dict:
     """One forward/backward of the defense. A defense that needs several backward passes per step
     (FreeLB's accumulated ascent) defines ``step(model, batch, backward)`` and calls ``backward``
     itself; every other defense defines ``loss(model, batch)`` and the loop back-propagates it."""
-    if hasattr(defense, "step"):
+    if callable(getattr(defense, "step", None)):
         return defense.step(view, batch, accelerator.backward)
     out = defense.loss(view, batch)
     accelerator.backward(out["loss"])

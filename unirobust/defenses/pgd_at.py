@@ -1,6 +1,9 @@
 """PGD adversarial training (Madry et al., "Towards Deep Learning Models Resistant to Adversarial
 Attacks", ICLR 2018): minimise the loss at the attack's point in the ball.
 
+Re-weighting options (``reweight.py``): ``instance_reweight`` = KL coefficient of DRO instance
+weights (Xu et al. 2023), ``class_reweight`` = hard-class pair upweighting.
+
 Departures: ``clean_weight`` > 0 mixes in the clean loss (Goodfellow et al. 2015 style; 0 = Madry);
 the adversarial point is re-attached to ``embed(batch)`` so that, for text, the embedding matrix
 still receives gradients (as FreeLB does). The attack runs in eval mode on the unwrapped model.
@@ -14,17 +17,31 @@ import torch.nn.functional as F
 from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 
+from ..models.base import unwrap
+from .reweight import ClassConfusion, weighted_mean
+
 
 @dataclass(config=ConfigDict(extra="forbid", arbitrary_types_allowed=True))
 class PGDAT:
     attack: Any
     clean_weight: float = Field(default=0.0, ge=0, le=1)
+    instance_reweight: float | None = Field(default=None, gt=0, description="KL coefficient of DRO instance weights")
+    class_reweight: bool = False
+    class_strength: float = Field(default=1.0, ge=0)
+
+    def __post_init__(self):
+        self._confusion = None
 
     def loss(self, model, batch: dict) -> dict:
         z_adv = self.attack(model, batch)
         z = model.embed(batch)
         logits = model.logits(z + (z_adv - z.detach()), batch)
-        loss = F.cross_entropy(logits, batch["labels"])
+        per = F.cross_entropy(logits, batch["labels"], reduction="none")
+        if self.class_reweight and self._confusion is None:
+            self._confusion = ClassConfusion(unwrap(model).num_classes)
+        loss = weighted_mean(per, labels=batch["labels"], adv_logits=logits,
+                             instance_reweight=self.instance_reweight, class_reweight=self.class_reweight,
+                             confusion=self._confusion, class_strength=self.class_strength)
         out = {"adv_loss": loss.detach()}
         if self.clean_weight:
             clean_logits = model.logits(z, batch)
