@@ -56,6 +56,12 @@ def pct(x) -> str:
     return "—" if x is None else f"{100 * x:.1f}"
 
 
+def cell(v) -> str:
+    if v is None:
+        return "—"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def metrics_table(rows: dict[str, dict]) -> str:
     """Markdown table: one row per run, clean accuracy, each cascade stage, robust accuracy."""
     lines = ["| run | clean % | robust % | worst class robust % | attacks (cascade) |", "|---|---|---|---|---|"]
@@ -77,8 +83,14 @@ def write_report(run_dir: Path, name: str, metrics: dict) -> None:
         lines += [""]
     train = metrics.get("train")
     if train and train.get("history"):
-        lines += ["## Training", "", "| epoch | loss | train accuracy % |", "|---|---|---|"]
-        lines += [f"| {h['epoch']} | {h['loss']:.4f} | {pct(h['train_accuracy'])} |" for h in train["history"]]
+        extra = [k for k in dict.fromkeys(k for h in train["history"] for k in h)
+                 if k not in ("epoch", "step", "loss", "train_accuracy")]  # monitors and defense stats
+        header = ["epoch", "loss", "train accuracy %", *extra]
+        lines += ["## Training", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+        lines += ["| " + " | ".join([str(h["epoch"]), f"{h['loss']:.4f}", pct(h["train_accuracy"]),
+                                     *(cell(h.get(k)) for k in extra)]) + " |" for h in train["history"]]
+        if train.get("catastrophic_overfitting"):
+            lines += ["", "**Catastrophic overfitting detected** (held-out PGD accuracy collapsed; see log.txt)."]
         lines += ["", f"{train['steps']} steps in {train['seconds']:.1f} s.", ""]
     lines += ["## Per class", "", "| class | n | clean % | robust % |", "|---|---|---|---|"]
     lines += [f"| {c} | {v['n']} | {pct(v['clean_accuracy'])} | {pct(v['robust_accuracy'])} |"
