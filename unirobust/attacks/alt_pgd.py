@@ -32,7 +32,7 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 from torch import Tensor
 
-from ..models.base import normalize_step, random_in_ball, unwrap
+from ..models.base import normalize_step, random_in_ball, eval_mode, unwrap
 from .apgd import margin_loss
 from .pgd import broadcast_mask
 
@@ -67,12 +67,8 @@ class AltPGD:
 
     def __call__(self, model, batch: dict) -> Tensor:
         adapter = unwrap(model)
-        was_training = adapter.training
-        adapter.eval()
-        try:
+        with eval_mode(adapter):
             return self._run(adapter, batch)
-        finally:
-            adapter.train(was_training)
 
     def _run(self, adapter, batch: dict) -> Tensor:
         with torch.no_grad():

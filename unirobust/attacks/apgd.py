@@ -50,7 +50,7 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 from torch import Tensor
 
-from ..models.base import normalize_step, unit_norm, unwrap
+from ..models.base import normalize_step, unit_norm, eval_mode, unwrap
 from .pgd import broadcast_mask
 
 log = logging.getLogger(__name__)
@@ -132,12 +132,8 @@ class _APGD:
 
     def __call__(self, model, batch: dict) -> Tensor:
         adapter = unwrap(model)
-        was_training = adapter.training
-        adapter.eval()
-        try:
+        with eval_mode(adapter):
             return self._run(adapter, batch)
-        finally:
-            adapter.train(was_training)
 
     def _run(self, adapter, batch: dict) -> Tensor:
         with torch.no_grad():

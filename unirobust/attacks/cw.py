@@ -39,7 +39,7 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 from torch import Tensor
 
-from ..models.base import unwrap
+from ..models.base import eval_mode, unwrap
 from .apgd import margin_loss
 from .pgd import broadcast_mask
 
@@ -74,12 +74,8 @@ class CWL2:
 
     def __call__(self, model, batch: dict) -> Tensor:
         adapter = unwrap(model)
-        was_training = adapter.training
-        adapter.eval()
-        try:
+        with eval_mode(adapter):
             return self._run(adapter, batch)
-        finally:
-            adapter.train(was_training)
 
     def _run(self, adapter, batch: dict) -> Tensor:
         with torch.no_grad():

@@ -20,7 +20,7 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 from torch import Tensor
 
-from ..models.base import normalize_step, random_in_ball, unwrap
+from ..models.base import normalize_step, random_in_ball, eval_mode, unwrap
 
 
 def broadcast_mask(mask: Tensor, like: Tensor) -> Tensor:
@@ -76,12 +76,8 @@ class PGD:
 
     def __call__(self, model, batch: dict) -> Tensor:
         adapter = unwrap(model)
-        was_training = adapter.training
-        adapter.eval()
-        try:
+        with eval_mode(adapter):
             return self._run(adapter, batch)
-        finally:
-            adapter.train(was_training)
 
     def _run(self, adapter, batch: dict) -> Tensor:
         with torch.no_grad():

@@ -11,6 +11,7 @@ text (norm over D). ``ball_dims`` names the dims of a unit; ``radius`` gives eac
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
@@ -31,6 +32,17 @@ class ModelAdapter(Protocol):
     def radius(self, z0: Tensor, batch: dict, threat: Any) -> Tensor: ...
     def collate(self, examples: list[dict]) -> dict: ...
     def predict(self, inputs: Any, batch_size: int = 64) -> Tensor: ...
+
+
+@contextmanager
+def eval_mode(module):
+    """Run the block with ``module`` in eval mode, then restore its previous mode (attacks use this)."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def unwrap(model: Any) -> Any:
