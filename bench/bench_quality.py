@@ -2,6 +2,7 @@
 
     python bench/bench_quality.py --suite vision [--max-train 3000 --epochs 3 --eval 500]
 
+Free-AT runs epochs / replays epochs, so every defense makes about the same number of updates.
 Runs the recipes of the suite (recipes/defenses/<task>_<defense>.yaml) with the same overrides
 (training set size, epochs, evaluation size) into bench/runs/, then tabulates clean accuracy, the
 cascade (FGSM, then 20-step PGD), worst-class robust accuracy, training seconds and a flag for
@@ -48,6 +49,7 @@ def main() -> None:
     p.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every recipe")
     args = p.parse_args()
 
+    from unirobust.defenses import build_defense
     from unirobust.recipe import load_recipes
     from unirobust.report import metrics_table
     from unirobust.runs import execute
@@ -56,7 +58,11 @@ def main() -> None:
     rows, table_rows = {}, {}
     for defense in args.defenses or SUITES[args.suite][1]:
         path, extra = recipe_for(args.suite, defense)
-        overrides = [*extra, f"task.max_train={args.max_train}", f"train.epochs={args.epochs}",
+        base = load_recipes(path, extra)[0]
+        replays = getattr(build_defense(base.defense.model_dump(exclude_none=True), base.resolved_task.threat),
+                          "replays", 1)
+        epochs = max(1, round(args.epochs / replays))  # Free-AT: same number of updates (Shafahi et al.)
+        overrides = [*extra, f"task.max_train={args.max_train}", f"train.epochs={epochs}",
                      f"eval.max_examples={args.eval}", f"output_dir={out_dir}", *args.set]
         recipe = load_recipes(path, overrides)[0]
         start = time.time()
