@@ -4,7 +4,7 @@
 
 Vision: timm:test_resnet on animal-mnist, batch 128. Text: all-MiniLM-L6-v2 on the bundled SST-2
 sample, batch 32, max_length 64. A step is forward + backward + optimizer update on one fixed batch
-(for Free-AT one replay, i.e. one update). Text also times a minimal hand-written embedding PGD-AT
+(for Free-AT one replay, i.e. one update). Steps are timed round-robin across defenses. Text also times a minimal hand-written embedding PGD-AT
 loop with K=3 as the reference that unirobust's ``pgd-at`` must match within 5%. Targets (issue 3):
 a K-step method <= (K+1)x ERM; free-at and fgsm-at <= 2.3x. Figures go to bench/results/defense_cost.json.
 """
@@ -99,23 +99,30 @@ def hand_written_pgd_at(model, batch, optimizer, eps: float, steps: int = K):
 
 
 def measure(modality: str, repeats: int) -> dict:
+    """Seconds per step of every defense, timed round-robin (one step of each in turn, ``repeats``
+    rounds, median): slow drift of the machine's speed then hits every defense alike."""
     from unirobust.defenses import build_defense
 
     task, model, batch = setup(modality)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    seconds, missing = {}, []
+    steps, missing = {}, []
     for name, (spec, _) in DEFENSES.items():
         try:
-            defense = build_defense(spec, task.threat)
+            steps[name] = step_fn(build_defense(spec, task.threat), model, batch, optimizer)
         except Exception as err:  # a defense not built yet is reported, not fatal
             missing.append(f"{name}: {err}")
-            continue
-        seconds[name] = timed(step_fn(defense, model, batch, optimizer), repeats)
-        print(f"{modality:6s} {name:13s} {seconds[name]:.3f} s/step  {seconds[name] / seconds['erm']:.2f}x", flush=True)
     if modality == "text":
-        seconds["hand-written pgd-at K=3"] = timed(hand_written_pgd_at(model, batch, optimizer, task.threat.eps), repeats)
-        print(f"text   hand-written  {seconds['hand-written pgd-at K=3'] / seconds['erm']:.2f}x", flush=True)
+        steps["hand-written pgd-at K=3"] = hand_written_pgd_at(model, batch, optimizer, task.threat.eps)
+    for fn in steps.values():
+        fn()  # warm-up
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, fn in steps.items():
+            samples[name].append(timed(fn, repeats=1, warmup=0))
+    seconds = {name: sorted(v)[len(v) // 2] for name, v in samples.items()}
+    for name, sec in seconds.items():
+        print(f"{modality:6s} {name:24s} {sec:.3f} s/step  {sec / seconds['erm']:.2f}x", flush=True)
     ratios = {k: v / seconds["erm"] for k, v in seconds.items()}
     checks = {}
     for name, (_, bound) in DEFENSES.items():
