@@ -18,7 +18,6 @@ warnings — plain sentences that say what is wrong and what to do — and logs 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Any, Literal, Mapping
 
@@ -30,7 +29,7 @@ from torch import Tensor
 
 from .attacks.apgd import margin_loss
 from .attacks.pgd import PGD, broadcast_mask
-from .models.base import normalize_step, unwrap
+from .models.base import eval_mode, normalize_step, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +38,6 @@ def _report(warnings: list[str]) -> list[str]:
     for w in warnings:
         log.warning("%s", w)
     return warnings
-
-
-@contextlib.contextmanager
-def _eval_mode(adapter):
-    was_training = adapter.training
-    adapter.eval()
-    try:
-        yield adapter
-    finally:
-        adapter.train(was_training)
 
 
 def _pct(x: float) -> str:
@@ -66,7 +55,7 @@ def _correct(adapter, z: Tensor, batch: dict) -> Tensor:
 def check_randomness(model, batch: dict, rtol: float = 1e-5, atol: float = 1e-6) -> list[str]:
     """Warn when two eval-mode forward passes on the same input give different logits."""
     adapter = unwrap(model)
-    with _eval_mode(adapter), torch.no_grad():
+    with eval_mode(adapter), torch.no_grad():
         z0 = adapter.embed(batch)
         a, b = adapter.logits(z0, batch), adapter.logits(z0, batch)
     if torch.allclose(a, b, rtol=rtol, atol=atol):
@@ -87,7 +76,7 @@ def check_randomness(model, batch: dict, rtol: float = 1e-5, atol: float = 1e-6)
 def check_softmax_output(model, batch: dict, atol: float = 1e-4) -> list[str]:
     """Warn when the model's outputs look like probabilities (rows in [0, 1] that sum to 1)."""
     adapter = unwrap(model)
-    with _eval_mode(adapter), torch.no_grad():
+    with eval_mode(adapter), torch.no_grad():
         out = adapter.logits(adapter.embed(batch), batch)
     in_range = bool(((out >= -atol) & (out <= 1 + atol)).all())
     sums_to_one = bool(((out.sum(-1) - 1).abs() <= atol).all())
@@ -118,7 +107,7 @@ def check_zero_gradients(model, batch: dict, max_fraction: float = 0.1) -> list[
     float); otherwise the model itself passes no gradient (thresholding, quantisation, argmax, ...).
     """
     adapter = unwrap(model)
-    with _eval_mode(adapter):
+    with eval_mode(adapter):
         with torch.no_grad():
             z0 = adapter.embed(batch).detach()
         ce = _input_grad(adapter, batch, z0, lambda lg, y: F.cross_entropy(lg, y, reduction="none"))
@@ -186,7 +175,7 @@ def eps_sweep(model, batch: dict, threat: Any, factors=(0.5, 1.0, 2.0)) -> dict[
     Key 0.0 holds the clean flags. Deterministic, so monotonicity is not blurred by random starts.
     """
     adapter = unwrap(model)
-    with _eval_mode(adapter):
+    with eval_mode(adapter):
         flags = {0.0: _correct(adapter, adapter.embed(batch), batch)}
         for f in factors:
             eps = float(threat.eps) * f
@@ -219,7 +208,7 @@ class RandomSearch:
 
     def __call__(self, model, batch: dict) -> Tensor:
         adapter = unwrap(model)
-        with _eval_mode(adapter), torch.no_grad():
+        with eval_mode(adapter), torch.no_grad():
             return self._run(adapter, batch)
 
     def _propose(self, z: Tensor, z0: Tensor, radius: Tensor, mask: Tensor, p: float, dims) -> Tensor:

@@ -40,7 +40,7 @@ from pydantic.dataclasses import dataclass
 from torch import Tensor
 
 from ..attacks.pgd import broadcast_mask
-from ..models.base import unit_norm, unwrap
+from ..models.base import eval_mode, unit_norm, unwrap
 
 
 def sign_step(grad: Tensor, norm: str, dims: tuple[int, ...]) -> Tensor:
@@ -52,9 +52,7 @@ def sign_step(grad: Tensor, norm: str, dims: tuple[int, ...]) -> Tensor:
 def sign_pgd(model, batch: dict, ball: Any, steps: int, alpha: float) -> Tensor:
     """Zero-start signed-gradient ascent on CE inside ``ball``; returns z_adv (detached)."""
     adapter = unwrap(model)
-    was_training = adapter.training
-    adapter.eval()
-    try:
+    with eval_mode(adapter):
         with torch.no_grad():
             z0 = adapter.embed(batch).detach()
         if float(ball.eps) == 0 or steps == 0:
@@ -70,8 +68,6 @@ def sign_pgd(model, batch: dict, ball: Any, steps: int, alpha: float) -> Tensor:
             move = sign_step(grad * mask, ball.norm, adapter.ball_dims) * alpha * radius * mask
             z = adapter.project(z.detach() + move, z0, batch, ball).detach()
         return z
-    finally:
-        adapter.train(was_training)
 
 
 @dataclass(config=ConfigDict(extra="forbid", arbitrary_types_allowed=True))

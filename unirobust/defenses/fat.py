@@ -35,7 +35,7 @@ from pydantic.dataclasses import dataclass
 from torch import Tensor
 
 from ..attacks.pgd import broadcast_mask
-from ..models.base import normalize_step, random_in_ball, unwrap
+from ..models.base import eval_mode, normalize_step, random_in_ball, unwrap
 from .reweight import ClassConfusion, weighted_mean
 from .trades import step_size_of
 
@@ -51,9 +51,7 @@ def early_stopped_pgd(model, batch: dict, attack: Any, tau: int = 0, omega: floa
     """FAT's adversary. Returns ``(z_adv, steps)``: the detached points (B x ...) and the number of
     PGD steps each example took (B, long). Eval mode on the unwrapped adapter; mode restored."""
     adapter = unwrap(model)
-    was_training = adapter.training
-    adapter.eval()
-    try:
+    with eval_mode(adapter):
         with torch.no_grad():
             z0 = adapter.embed(batch).detach()
         labels = batch["labels"]
@@ -90,8 +88,6 @@ def early_stopped_pgd(model, batch: dict, attack: Any, tau: int = 0, omega: floa
             z[idx[go]] = moved[go]
             steps_taken[idx[go]] += 1
         return z.detach(), steps_taken
-    finally:
-        adapter.train(was_training)
 
 
 @dataclass(config=ConfigDict(extra="forbid", arbitrary_types_allowed=True))

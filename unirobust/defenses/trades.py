@@ -33,7 +33,7 @@ from pydantic.dataclasses import dataclass
 from torch import Tensor
 
 from ..attacks.pgd import broadcast_mask
-from ..models.base import normalize_step, unwrap
+from ..models.base import eval_mode, normalize_step, unwrap
 from .reweight import ClassConfusion, weighted_mean
 
 
@@ -49,9 +49,7 @@ def kl_pgd(model, batch: dict, attack: Any, init_std: float = 0.001) -> Tensor:
     Runs in eval mode on the unwrapped adapter and restores the mode.
     """
     adapter = unwrap(model)
-    was_training = adapter.training
-    adapter.eval()
-    try:
+    with eval_mode(adapter):
         with torch.no_grad():
             z0 = adapter.embed(batch).detach()
             p_clean = F.softmax(adapter.logits(z0, batch), dim=-1)
@@ -72,8 +70,6 @@ def kl_pgd(model, batch: dict, attack: Any, init_std: float = 0.001) -> Tensor:
             move = normalize_step(grad, attack.norm, adapter.ball_dims) * step * mask
             z = adapter.project(z.detach() + move, z0, batch, attack).detach()
         return z
-    finally:
-        adapter.train(was_training)
 
 
 def kl_per_example(p_logits: Tensor, q_logits: Tensor) -> Tensor:
