@@ -121,3 +121,25 @@ def test_two_processes_report_the_same_metrics(tmp_path):
     ddp = json.loads((tmp_path / "ddp" / "tiny" / "metrics.json").read_text())
     assert ddp["eval"]["n"] == 96 and ddp["train"]["steps"] == 6
     assert res.stdout.count("| tiny |") == 1  # the summary table is printed once, by the main process
+
+
+def test_monitor_measures_in_eval_mode_and_leaves_batchnorm_alone():
+    """The per-epoch monitor must score like evaluation: BatchNorm running statistics unchanged,
+    the model's training mode restored."""
+    from torch import nn
+
+    from unirobust.models.vision import VisionAdapter
+    from unirobust.monitor import RobustMonitor
+    from unirobust.tasks import ThreatModel
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 3))
+    adapter = VisionAdapter(net, 3, [0.5], [0.5])
+    data = [{"image": torch.rand(1, 8, 8).numpy(), "label": i % 3} for i in range(12)]
+    monitor = RobustMonitor(data, adapter.collate, 12, ThreatModel(eps=0.1, steps=2), "cpu")
+    adapter.train()
+    before = net[1].running_mean.clone(), net[1].num_batches_tracked.clone()
+    out = monitor.check(adapter, epoch=0)
+    assert adapter.training
+    assert torch.equal(net[1].running_mean, before[0]) and torch.equal(net[1].num_batches_tracked, before[1])
+    assert {"monitor_pgd_accuracy", "monitor_fgsm_accuracy"} <= set(out)

@@ -9,6 +9,7 @@ import logging
 import torch
 
 from .attacks.pgd import FGSM, PGD
+from .models.base import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,8 @@ class RobustMonitor:
             return (adapter.logits(z, self.batch).argmax(-1) == self.batch["labels"]).float().mean().item()
 
     def check(self, adapter, epoch: int) -> dict:
-        was_training = adapter.training
-        pgd, fgsm = self.accuracy(adapter, self.pgd), self.accuracy(adapter, self.fgsm)
-        adapter.train(was_training)
+        with eval_mode(adapter):  # measure like evaluation: no dropout, no BatchNorm statistics updates
+            pgd, fgsm = self.accuracy(adapter, self.pgd), self.accuracy(adapter, self.fgsm)
         self.pgd_history.append(pgd)
         self.fgsm_history.append(fgsm)
         out = {"monitor_pgd_accuracy": pgd, "monitor_fgsm_accuracy": fgsm}
