@@ -10,8 +10,6 @@ from pathlib import Path
 
 from .recipe import RecipeError
 
-USAGE_ERRORS = (RecipeError,)  # extended lazily with TaskError, UnknownName, ModelSpecError
-
 EXAMPLES = """examples:
   unirobust run recipes/quickstart.yaml
   unirobust run recipes/digits_pgd_at.yaml train.epochs=1 defense.attack.eps=0.05
@@ -63,7 +61,7 @@ def cmd_run(args, evaluate_after: bool = True) -> int:
 def cmd_eval(args) -> int:
     from .recipe import AttackConfig, validate
     from .report import atomic_write, metrics_table
-    from .runs import build_attacks, load_run
+    from .runs import build_attacks, first_examples, load_run
     from .tasks import load_task
 
     target = Path(args.target)
@@ -81,10 +79,8 @@ def cmd_eval(args) -> int:
     task = recipe.resolved_task
     configs = [AttackConfig(**parse_attack(a)) for a in args.attack] if args.attack else recipe.eval.attacks
     attacks = build_attacks(configs, task.threat)
-    data = load_task(task, seed=recipe.seed).split(args.split or recipe.eval.split)
-    limit = args.max_examples or recipe.eval.max_examples
-    if limit and limit < len(data):
-        data = data.select(range(limit))
+    data = first_examples(load_task(task, seed=recipe.seed).split(args.split or recipe.eval.split),
+                          args.max_examples or recipe.eval.max_examples)
     from .evaluate import evaluate
 
     from .train import make_accelerator

@@ -41,6 +41,11 @@ class LogToFile:
         self.handler.close()
 
 
+def first_examples(split, limit: int | None):
+    """The first ``limit`` examples of an evaluation split (all of them when ``limit`` is None)."""
+    return split.select(range(limit)) if limit and limit < len(split) else split
+
+
 def build_attacks(configs: list[AttackConfig], threat) -> dict:
     return {c.title(): build_attack(c.params(), threat) for c in configs}
 
@@ -72,9 +77,7 @@ def execute(recipe: Recipe, resume: bool = False, train: bool = True, evaluate_a
         if main:
             save_weights(adapter, run_dir / "model.safetensors")
         if evaluate_after:
-            split = data.split(recipe.eval.split)
-            if recipe.eval.max_examples and recipe.eval.max_examples < len(split):
-                split = split.select(range(recipe.eval.max_examples))
+            split = first_examples(data.split(recipe.eval.split), recipe.eval.max_examples)
             attacks = build_attacks(recipe.eval.attacks, task.threat)
             metrics["eval"] = evaluate(adapter, split, attacks, accelerator, recipe.eval.batch_size,
                                        task.labels, desc=f"eval {recipe.name}", threat=task.threat,

@@ -228,10 +228,6 @@ def _stratified_holdout(ds, fraction: float, seed: int):
     return ds.select(np.sort(keep)), ds.select(np.sort(held))
 
 
-def _head(ds, n: int | None):
-    return ds if n is None or n >= len(ds) else ds.select(range(n))
-
-
 def _shuffled_head(ds, n: int | None, seed: int):
     """The first ``n`` of a seeded permutation: a class-balanced sample even for sorted data."""
     if n is None or n >= len(ds):
