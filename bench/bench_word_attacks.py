@@ -55,10 +55,11 @@ from common import RESULTS, write_result  # noqa: E402
 from unirobust.compat import ensure_torchvision  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-ATTACKS = ("pwws", "deepwordbug", "textfooler-like", "pwws-fast", "deepwordbug-fast", "textfooler")
+ATTACKS = ("pwws", "deepwordbug", "textfooler-like", "pwws-fast", "deepwordbug-fast", "deepwordbug-probe",
+           "textfooler")
 #: Rows only unirobust has: gradient word importance (one backward pass instead of a query per
 #: word) and the offline TextFooler with counter-fitted embeddings (TextAttack's needs a download).
-UNIROBUST_ONLY = ("pwws-fast", "deepwordbug-fast", "textfooler")
+UNIROBUST_ONLY = ("pwws-fast", "deepwordbug-fast", "deepwordbug-probe", "textfooler")
 UNIROBUST_SPECS = {
     "pwws": {"name": "pwws"},
     "deepwordbug": {"name": "deepwordbug"},
@@ -66,6 +67,7 @@ UNIROBUST_SPECS = {
     "textfooler-like": {"name": "textfooler", "counterfit": False, "pos": False, "antonyms": True},
     "pwws-fast": {"name": "pwws", "wir": "gradient"},
     "deepwordbug-fast": {"name": "deepwordbug", "wir": "gradient"},
+    "deepwordbug-probe": {"name": "deepwordbug", "wir": "candidate"},
     "textfooler": {"name": "textfooler"},
 }
 #: Measured by the issue author (TextAttack 0.3.11, this victim setup, 100 examples, tuned padding).

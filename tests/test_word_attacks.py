@@ -167,6 +167,7 @@ def test_masked_lm_proposals_and_missing_mlm(tokenizer, tmp_path):
     {"search": "greedy", "wir": "unk"},
     {"search": "greedy", "wir": "gradient"},
     {"search": "greedy", "wir": "random"},
+    {"search": "greedy", "wir": "candidate"},
     {"search": "beam", "beam_width": 2},
     {"source": "chars", "wir": "unk", "max_edit_distance": 30},
 ], ids=lambda kw: "-".join(str(v) for v in kw.values()))
@@ -190,6 +191,19 @@ def test_pwws_early_exit_spends_fewer_queries(keyword_adapter):
     full, _ = run(keyword_adapter, examples, search="pwws", early_exit=False)
     assert eager[0].status == full[0].status == "success"
     assert eager[0].words_changed == 1 and eager[0].queries < full[0].queries
+
+
+def test_candidate_probes_are_real_attempts(keyword_adapter):
+    """wir=candidate scores each word by its own first candidate: a one-swap flip is found while
+    ranking (no greedy pass after it), and the two-keyword case reuses the probes from the query
+    memo, so it needs fewer queries than unk ordering, which pays one [UNK] query per word."""
+    one = [NEGATIVE[0]]
+    probe, _ = run(keyword_adapter, one, source="chars", wir="candidate", max_edit_distance=30)
+    unk, _ = run(keyword_adapter, one, source="chars", wir="unk", max_edit_distance=30)
+    assert probe[0].status == unk[0].status == "success" and probe[0].words_changed == 1
+    assert probe[0].queries < unk[0].queries
+    two, _ = run(keyword_adapter, NEGATIVE[2:3], search="greedy", wir="candidate")
+    assert two[0].status == "success" and two[0].words_changed == 2
 
 
 def test_greedy_removes_both_keywords_when_allowed(keyword_adapter):

@@ -25,7 +25,10 @@ log = logging.getLogger(__name__)
 class WordAttack:
     """A word-substitution attack. Sources: ``wordnet`` | ``embedding`` (the victim's own input
     embeddings, counter-fitted with WordNet when ``counterfit``) | ``mlm`` (needs ``mlm``) |
-    ``chars``. Searches: ``greedy`` (with ``wir``) | ``pwws`` | ``beam``. ``n`` limits how many
+    ``chars``. Searches: ``greedy`` (with ``wir``) | ``pwws`` | ``beam``. Word importance ``wir``:
+    ``delete`` / ``unk`` (one query per word), ``gradient`` (one backward pass), ``candidate`` (one
+    query per word with its own first candidate, so ranking is also attacking and the probes are
+    reused), ``random``, ``none``. ``n`` limits how many
     examples an evaluation attacks; ``field`` is the attacked text field (default: the last one)."""
 
     kind: ClassVar[str] = "word"
@@ -38,7 +41,7 @@ class WordAttack:
     mlm: str | None = None
     mlm_mode: Literal["mask", "unmasked"] = "mask"
     search: Literal["greedy", "pwws", "beam"] = "greedy"
-    wir: Literal["delete", "unk", "gradient", "random", "none"] = "delete"
+    wir: Literal["delete", "unk", "gradient", "candidate", "random", "none"] = "delete"
     beam_width: int = Field(default=4, ge=1)
     early_exit: bool = True
     stopwords: bool = True

@@ -84,7 +84,7 @@ class Victim:
             inputs = [r[0] for r in chunk]
             columns = list(zip(*inputs)) if not isinstance(inputs[0], str) else [inputs]
             enc = adapter.tokenizer(*[list(c) for c in columns], padding=True, truncation=True,
-                                    max_length=adapter.max_length, pad_to_multiple_of=8, return_tensors="pt",
+                                    max_length=adapter.max_length, pad_to_multiple_of=adapter.pad_multiple, return_tensors="pt",
                                     return_offsets_mapping=True)
             offsets = enc.pop("offset_mapping")
             sequence_ids = [enc.sequence_ids(r) for r in range(len(chunk))]

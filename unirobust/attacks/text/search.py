@@ -97,11 +97,7 @@ class Search:
         if self.method == "beam":
             text, p = yield from self.beam(ex, p0)
         else:
-            found = None
-            if self.method == "pwws":
-                order, found = yield from self.pwws_order(ex)
-            else:
-                order = yield from self.importance(ex)
+            order, found = yield from (self.pwws_order(ex) if self.method == "pwws" else self.importance(ex))
             text, p = found if found is not None else (yield from self.greedy(ex, order, p0))
         return text, p, p0, "success" if bool(ex.success(p)) else "failed"
 
@@ -185,18 +181,40 @@ class Search:
         return texts[: len(probs)], probs, ex.score(probs) if len(probs) else torch.empty(0)
 
     def importance(self, ex: Example) -> Iterator[Need]:
-        """Indices that have candidates, most important first."""
+        """(indices that have candidates, most important first, None), or (None, (text, probs)) when
+        a ``wir="candidate"`` probe already met the goal."""
         indices = yield from self.attackable(ex)
         if self.wir == "none" or len(indices) < 2:
-            return indices
+            return indices, None
         if self.wir == "random":
             rng = random.Random(zlib.crc32(f"{self.seed}|{ex.index}".encode()))
             rng.shuffle(indices)
-            return indices
-        scores = yield from self.saliency(ex, indices, self.unk_token if self.wir == "unk" else "")
+            return indices, None
+        if self.wir == "candidate":
+            scores, found = yield from self.probe(ex, indices)
+            if found is not None:
+                return None, found
+        else:
+            scores = yield from self.saliency(ex, indices, self.unk_token if self.wir == "unk" else "")
         indices = indices[: len(scores)]
         order = torch.argsort(-scores[: len(indices)], stable=True).tolist()
-        return [indices[k] for k in order]
+        return [indices[k] for k in order], None
+
+    def probe(self, ex: Example, indices: list[int]) -> Iterator[Need]:
+        """``wir="candidate"``: score each word by its own first constrained candidate instead of an
+        [UNK] or a deletion, so every importance query is also a real attempt. Returns (scores,
+        None), or (None, (text, probs)) for the best probe that met the goal; the greedy search
+        later finds the probes in the query memo, so they are not paid for twice."""
+        cands = yield from self.candidates(ex, ex.start, indices)
+        texts = [ts[0] if ts else None for ts, _ in cands]
+        tried = [t for t in texts if t is not None]
+        tried, probs, scores = yield from self.scored(ex, tried)
+        wins = [k for k in range(len(tried)) if bool(ex.success(probs[k]))]
+        if wins:
+            k = max(wins, key=lambda j: float(scores[j]))
+            return None, (tried[k], probs[k])
+        by_text = {t.text: float(v) for t, v in zip(tried, scores)}
+        return torch.tensor([by_text.get(t.text, -1.0) if t is not None else -1.0 for t in texts]), None
 
     def pwws_order(self, ex: Example) -> Iterator[Need]:
         """PWWS: softmax of the unk-replacement saliency (or, with ``wir="gradient"``, of the
