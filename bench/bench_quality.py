@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
+from common import RESULTS, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = {
@@ -87,8 +87,14 @@ def main() -> None:
                          "word_attacks": ev.get("word_attacks", {})}
         table_rows[f"{defense} ({tr.get('seconds', 0):.0f} s train)"] = ev
         print(json.dumps({defense: rows[defense]}, default=str), flush=True)
-    path = write_result(f"quality_{args.suite}", {"suite": args.suite, "max_train": args.max_train,
-                                                  "epochs": args.epochs, "eval_examples": args.eval, "rows": rows})
+    config = {"suite": args.suite, "max_train": args.max_train, "epochs": args.epochs, "eval_examples": args.eval,
+              "set": args.set, "word_attacks": args.word_attacks}
+    previous = RESULTS / f"quality_{args.suite}.json"
+    if previous.exists():  # keep rows of defenses not re-run, when measured with the same settings
+        old = json.loads(previous.read_text())
+        if all(old.get(k, [] if k in ("set", "word_attacks") else None) == v for k, v in config.items()):
+            rows = {**{d: r for d, r in old.get("rows", {}).items() if d not in rows}, **rows}
+    path = write_result(f"quality_{args.suite}", {**config, "rows": rows})
     print("\n" + metrics_table(table_rows))
     words = {f"{d} / {a}": s for d, r in rows.items() for a, s in r["word_attacks"].items()}
     if words:

@@ -239,24 +239,74 @@ def unirobust_engine():
     return build_attack, attack_examples
 
 
-def run_unirobust_side(name: str, adapter, examples: list[dict], engine):
-    build_attack, attack_examples = engine
+def prepared_attack(name: str, adapter, engine):
+    """The unirobust attack of row ``name`` with its setup done: counter-fitting (once per model,
+    cached on disk) and loading the sentence encoder are setup, not attack time (as on the TextAttack
+    side). Returns (attack, setup seconds)."""
+    build_attack, _ = engine
     t = time.perf_counter()
     attack = build_attack(dict(UNIROBUST_SPECS[name]))
     if attack.source == "embedding" or attack.min_cos is not None:
-        attack.vectors(adapter)  # once per model, cached on disk (counter-fitting): setup, not attack time
+        attack.vectors(adapter)
     if attack.sentence_sim is not None:
         from unirobust.attacks.text.engine import sentence_encoder
 
-        sentence_encoder(attack.sentence_encoder)  # loading the encoder is setup too (as on the TextAttack side)
-    setup = time.perf_counter() - t
+        sentence_encoder(attack.sentence_encoder)
+    return attack, time.perf_counter() - t
+
+
+def run_unirobust_side(name: str, adapter, examples: list[dict], engine):
+    attack, setup = prepared_attack(name, adapter, engine)
     start = time.perf_counter()
-    records, stats = attack_examples(adapter, examples, attack, store=None, progress=True)
+    records, stats = engine[1](adapter, examples, attack, store=None, progress=True)
     wall = time.perf_counter() - start
     stats = dict(stats)
     stats.setdefault("seconds", wall)
     stats["setup_seconds"] = setup
     return records, stats
+
+
+def _shard_worker(rank: int, procs: int, threads: int, name: str, run_path: str, examples: list[dict],
+                  barrier, results) -> None:
+    """One process of ``run_unirobust_sharded``: indices ``i % procs == rank``, as ``run_word_attack``
+    shards under ``accelerate launch``."""
+    torch.set_num_threads(threads)
+    ensure_torchvision()
+    _, adapter, _ = load_victim(Path(run_path))
+    engine = unirobust_engine()
+    attack, setup = prepared_attack(name, adapter, engine)
+    barrier.wait()
+    began = time.time()
+    records, stats = engine[1](adapter, examples, attack, store=None, progress=rank == 0,
+                               indices=list(range(rank, len(examples), procs)))
+    results.put((rank, records, stats, setup, began, time.time()))
+
+
+def side_name(procs: int) -> str:
+    return "unirobust" if procs == 1 else f"unirobust-{procs}proc"
+
+
+def run_unirobust_sharded(name: str, run_path: Path, examples: list[dict], procs: int):
+    """The engine on ``procs`` processes of ``cores // procs`` threads each (what ``unirobust launch
+    --cpu --num_processes P -- attack ...`` does: accelerate sets OMP_NUM_THREADS per process). Wall
+    time runs from the common start (after every process has loaded the model) to the last finish."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(procs), ctx.Queue()
+    threads = max(1, (os.cpu_count() or procs) // procs)
+    workers = [ctx.Process(target=_shard_worker, args=(r, procs, threads, name, str(run_path), examples, barrier,
+                                                       results)) for r in range(procs)]
+    for w in workers:
+        w.start()
+    parts = [results.get() for _ in workers]
+    for w in workers:
+        w.join()
+    records = sorted((rec for part in parts for rec in part[1]), key=lambda r: r.index)
+    wall = max(p[5] for p in parts) - min(p[4] for p in parts)
+    sums = {k: sum(p[2][k] for p in parts) for k in ("forward_seconds", "encoder_seconds")}
+    # time fractions of the processes' combined wall time (procs x wall)
+    return records, {"seconds": wall, "setup_seconds": max(p[3] for p in parts), "processes": procs,
+                     "threads_per_process": threads, **sums,
+                     "process_seconds": procs * wall}
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -275,6 +325,8 @@ def row_of(name: str, side: str, adapter, examples, records, stats) -> dict:
     wall = float(stats["seconds"])
     n = len(records)
     forward = stats.get("forward_seconds")
+    busy = stats.get("process_seconds", wall)  # sharded: the processes' combined wall time
+    model = forward + stats.get("encoder_seconds", 0.0) if forward is not None else None
     return {
         "attack": name,
         "side": side,
@@ -287,7 +339,9 @@ def row_of(name: str, side: str, adapter, examples, records, stats) -> dict:
         "success_rate": s["attack_success_rate"],
         "words_perturbed": s["mean_perturbed_fraction"],
         "forward_seconds": forward,
-        "forward_fraction": forward / wall if forward is not None and wall else None,
+        "forward_fraction": forward / busy if forward is not None and busy else None,
+        "model_fraction": model / busy if model is not None and busy else None,
+        "processes": stats.get("processes", 1),
         "n_success": s["n_success"], "n_failed": s["n_failed"], "n_skipped": s["n_skipped"], "n_error": s["n_error"],
         "successes_verified": verified,
         "statuses": [r.status for r in records],
@@ -300,14 +354,15 @@ def fmt(x, spec: str, scale: float = 1.0) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\n| attack | side | s/example | examples/s | queries/example | success % | words perturbed % "
-          "| forward % of wall | successes verified |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| attack | side | processes | s/example | examples/s | queries/example | success % | words perturbed % "
+          "| victim forward % | all model forwards % | successes verified |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['attack']} | {r['side']} | {fmt(r['seconds_per_example'], '.3f')} | "
+        print(f"| {r['attack']} | {r['side']} | {r.get('processes', 1)} | {fmt(r['seconds_per_example'], '.3f')} | "
               f"{fmt(r['examples_per_second'], '.2f')} | {fmt(r['queries_per_example'], '.1f')} | "
               f"{fmt(r['success_rate'], '.1f', 100)} | {fmt(r['words_perturbed'], '.1f', 100)} | "
-              f"{fmt(r['forward_fraction'], '.0f', 100)} | {r['successes_verified']}/{r['n_success']} |")
+              f"{fmt(r['forward_fraction'], '.0f', 100)} | {fmt(r.get('model_fraction'), '.0f', 100)} | "
+              f"{r['successes_verified']}/{r['n_success']} |")
 
 
 def agreement(rows: list[dict]) -> dict:
@@ -328,6 +383,8 @@ def main(argv=None) -> int:
     p.add_argument("--attacks", default=",".join(ATTACKS), help=f"comma-separated, from {', '.join(ATTACKS)}")
     p.add_argument("--side", choices=("textattack", "unirobust", "both"), default="both")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
+    p.add_argument("--procs", default="1", help="comma-separated process counts for the unirobust side; P > 1 "
+                   "shards the examples over P processes of cores/P threads (rows 'unirobust-Pproc')")
     p.add_argument("--records", default=None, help="folder for per-example records (<attack>-<side>.jsonl)")
     p.add_argument("--name", default="word_attacks", help="results file bench/results/<name>.json")
     args = p.parse_args(argv)
@@ -341,8 +398,13 @@ def main(argv=None) -> int:
     ensure_torchvision()
     if args.threads:
         torch.set_num_threads(args.threads)
+    procs = sorted({int(x) for x in args.procs.split(",") if x.strip()})
+    if not procs or min(procs) < 1:
+        p.error("--procs takes positive process counts, e.g. 1,2")
     sides = ["textattack", "unirobust"] if args.side == "both" else [args.side]
-    engine = unirobust_engine() if "unirobust" in sides else None
+    if "unirobust" in sides:
+        sides[sides.index("unirobust"):] = [side_name(k) for k in procs]
+    engine = unirobust_engine() if any(s.startswith("unirobust") for s in sides) else None
     if "textattack" in sides:
         from unirobust.offline import ensure_textattack_ready
 
@@ -367,8 +429,10 @@ def main(argv=None) -> int:
                 continue
             if side == "textattack":
                 records, stats = run_textattack_side(name, adapter, examples)
-            else:
+            elif side == "unirobust":
                 records, stats = run_unirobust_side(name, adapter, examples, engine)
+            else:
+                records, stats = run_unirobust_sharded(name, run_path, examples, int(side.split("-")[1][:-4]))
             row = row_of(name, side, adapter, examples, records, stats)
             row["load_average_after"] = os.getloadavg()[0]
             rows.append(row)
@@ -387,7 +451,7 @@ def main(argv=None) -> int:
         if same:
             rows = [r for r in old.get("results", []) if (r["attack"], r["side"]) not in done] + rows
     order = {a: i for i, a in enumerate(ATTACKS)}
-    rows.sort(key=lambda r: (order.get(r["attack"], 99), r["side"] != "textattack"))
+    rows.sort(key=lambda r: (order.get(r["attack"], 99), r["side"] != "textattack", r["side"]))
     print("\nall rows:")
     print_table(rows)
     agree = agreement(rows)

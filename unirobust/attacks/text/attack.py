@@ -176,9 +176,10 @@ def attack_examples(adapter, examples: list[dict], attack: WordAttack, store: Re
     search = attack.build_search(adapter)
     handlers = {"candidates": source.propose,
                 "grad": victim.word_saliency}
-    encoder = None
+    encoder, encoder_before = None, 0.0
     if attack.sentence_sim is not None:
-        encoder = sentence_encoder(attack.sentence_encoder)
+        encoder = sentence_encoder(attack.sentence_encoder)  # shared: its clock runs across attacks
+        encoder_before = encoder.seconds
         handlers["encode"] = _memoised(encoder.encode)
     engine = Engine(victim, handlers, attack.concurrency)
     records: dict[int, AttackRecord] = {}
@@ -223,9 +224,10 @@ def attack_examples(adapter, examples: list[dict], attack: WordAttack, store: Re
                     adapter.max_length)
     seconds = time.perf_counter() - began
     new = [records[i] for i in sorted(records)]
-    model_seconds = victim.forward_seconds + (encoder.seconds if encoder else 0.0)
+    encoder_seconds = encoder.seconds - encoder_before if encoder else 0.0
+    model_seconds = victim.forward_seconds + encoder_seconds
     stats = {**summarise(new), "seconds": seconds, "forward_seconds": victim.forward_seconds,
-             "encoder_seconds": encoder.seconds if encoder else 0.0,
+             "encoder_seconds": encoder_seconds,
              "forward_fraction": victim.forward_seconds / seconds if seconds else None,
              "model_fraction": model_seconds / seconds if seconds else None,
              "examples_per_second": len(new) / seconds if seconds else None}

@@ -1,0 +1,209 @@
+"""MLP-FT vs MVP vs MVP+Adv on SST-2 with MiniLM, under word substitutions and an AdvGLUE-style set (issue 4).
+
+    python bench/bench_prompt.py [--epochs 2] [--n 200] [--advgen-n 400] [--advgen-attack deepwordbug]
+
+Three recipes, same model (all-MiniLM-L6-v2, offline), data (the 4,000 bundled SST-2 training
+sentences), optimiser and budget (``--epochs``):
+
+- ``mlp``: ``recipes/prompt/sst2_minilm_mlp.yaml``, the standard randomly initialised head (MLP-FT);
+- ``mvp``: ``recipes/prompt/sst2_minilm_mvp.yaml``, template + verbalizer read at the mask (MVP);
+- ``mvp_adv``: ``recipes/prompt/sst2_minilm_mvp_adv.yaml``, MVP with embedding PGD-AT (MVP+Adv).
+
+Each is trained once into ``runs/bench_prompt_<row>/`` (reused when it exists). Per row: clean
+accuracy on the 872 GLUE dev sentences (and the recipe's embedding-PGD robust accuracy), accuracy
+under ``pwws`` and ``textfooler`` (unirobust's offline recipes) on the same first ``--n`` dev
+sentences, and accuracy on an AdvGLUE-style set. That set is built once with ``unirobust``'s
+``advgen`` from held-out SST-2 training sentences (``../shared/data/sst2/heldout.tsv``, disjoint from
+the training sample; rows of at least 10 words) with a *different* attack (``--advgen-attack``,
+default DeepWordBug) against a separate surrogate, the ERM victim of the word-attack benchmark
+(``recipes/bench/sst2_minilm_victim.yaml``, trained if missing), filtered as AdvGLUE was (prediction
+flipped, <= 15% of words changed, sentence similarity >= 0.85). So all three rows face transferred
+examples, as models evaluated on AdvGLUE do.
+
+Target (issue 4): MVP at least 5 points more robust than MLP-FT (mean of the word-attack and
+AdvGLUE-style accuracies) at no more than 1.5 points clean loss; MVP+Adv above both.
+Results: ``bench/results/prompt.json``; word-attack records stay in ``runs/bench_prompt_<row>/attacks/``
+(resumable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_result  # noqa: E402
+
+from unirobust.compat import ensure_torchvision  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+ROWS = {"mlp": "MLP-FT", "mvp": "MVP", "mvp_adv": "MVP+Adv"}
+WORD_ATTACKS = ("pwws", "textfooler")
+HELDOUT = REPO.parent / "shared" / "data" / "sst2" / "heldout.tsv"
+
+
+def ensure_run(recipe: Path, name: str, overrides: list[str]) -> Path:
+    """``runs/<name>`` trained from ``recipe`` with ``overrides`` (reused if finished)."""
+    run = REPO / "runs" / name
+    if not ((run / "model.safetensors").exists() and (run / "metrics.json").exists()):
+        cmd = [sys.executable, "-m", "unirobust.cli", "run", str(recipe), f"name={name}", *overrides]
+        print("training:", " ".join(cmd[2:]), flush=True)
+        subprocess.run(cmd, cwd=REPO, check=True)
+    return run
+
+
+def heldout_examples(n: int, min_words: int = 10) -> list[dict]:
+    """The first ``n`` held-out SST-2 rows with at least ``min_words`` words (sentences, not phrases)."""
+    if not HELDOUT.exists():
+        raise SystemExit(f"{HELDOUT} not found: the AdvGLUE-style set is built from it (see ../shared/data/README.md)")
+    out = []
+    with HELDOUT.open(newline="") as f:
+        for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
+            text = row["sentence"].strip()
+            if len(text.split()) >= min_words:
+                out.append({"sentence": text, "label": int(row["label"])})
+            if len(out) == n:
+                break
+    return out
+
+
+def build_advglue_set(surrogate: Path, attack_name: str, n: int) -> tuple[Path, dict]:
+    """The AdvGLUE-style file (built once; delete ``runs/bench_prompt_advglue`` to rebuild)."""
+    from unirobust.advgen import advgen
+    from unirobust.attacks import build_attack
+    from unirobust.runs import load_run
+
+    folder = REPO / "runs" / "bench_prompt_advglue"
+    path = folder / f"advglue_sst2_{attack_name}.json"
+    counts_path = folder / f"counts_{attack_name}.json"
+    if path.exists() and counts_path.exists():
+        return path, json.loads(counts_path.read_text())
+    recipe, adapter = load_run(surrogate)
+    adapter.eval()
+    counts = advgen(adapter, heldout_examples(n), build_attack({"name": attack_name}), path,
+                    folder / f"attack_{attack_name}", label_names=list(recipe.resolved_task.labels),
+                    attack_name=attack_name)
+    counts_path.write_text(json.dumps(counts, indent=2))
+    return path, counts
+
+
+def word_attack(run: Path, adapter, examples: list[dict], name: str) -> dict:
+    from unirobust.attacks import build_attack
+    from unirobust.attacks.text.attack import run_word_attack
+
+    began = time.perf_counter()
+    summary = run_word_attack(adapter, examples, build_attack({"name": name}), run / "attacks" / f"bench_{name}")
+    return {**summary, "wall_seconds": time.perf_counter() - began}
+
+
+def measure_row(row: str, run: Path, dev_examples: list[dict], advglue_path: Path) -> dict:
+    from unirobust.advglue import evaluate_advglue
+    from unirobust.runs import load_run
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    recipe, adapter = load_run(run)
+    adapter.eval()
+    out = {"row": row, "method": ROWS[row], "run": str(run.relative_to(REPO)),
+           "clean_accuracy": metrics["eval"]["clean_accuracy"], "n_dev": metrics["eval"].get("n"),
+           "pgd_accuracy": metrics["eval"].get("robust_accuracy"),
+           "train_seconds": metrics.get("train", {}).get("seconds")}
+    for name in WORD_ATTACKS:
+        s = word_attack(run, adapter, dev_examples, name)
+        out[name] = {k: s.get(k) for k in ("accuracy_under_attack", "attack_success_rate", "clean_accuracy",
+                                            "mean_perturbed_fraction", "mean_queries", "wall_seconds", "n")}
+    adv = evaluate_advglue(adapter, advglue_path)
+    items = json.loads(advglue_path.read_text())["sst2"]
+    originals = adapter.predict([it["original"] for it in items]).tolist() if items else []
+    out["advglue"] = {"accuracy": adv["tasks"]["sst2"]["accuracy"], "n": adv["tasks"]["sst2"]["n"],
+                      "original_accuracy": sum(p == it["label"] for p, it in zip(originals, items)) / len(items)
+                      if items else None}
+    robust = [out[a]["accuracy_under_attack"] for a in WORD_ATTACKS] + [out["advglue"]["accuracy"]]
+    out["mean_robust_accuracy"] = sum(robust) / len(robust)
+    return out
+
+
+def pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.1f}"
+
+
+def table(rows: list[dict], n: int, n_adv: int) -> str:
+    lines = [f"| method | clean (872 dev) | embedding PGD | pwws (n={n}) | textfooler (n={n}) | "
+             f"AdvGLUE-style (n={n_adv}) | mean robust | train s |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {pct(r['clean_accuracy'])} | {pct(r['pgd_accuracy'])} | "
+                     f"{pct(r['pwws']['accuracy_under_attack'])} | {pct(r['textfooler']['accuracy_under_attack'])} | "
+                     f"{pct(r['advglue']['accuracy'])} | {pct(r['mean_robust_accuracy'])} | "
+                     f"{r['train_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def targets(by: dict) -> dict:
+    mlp, mvp, adv = by.get("mlp"), by.get("mvp"), by.get("mvp_adv")
+    out = {}
+    if mlp and mvp:
+        gain = mvp["mean_robust_accuracy"] - mlp["mean_robust_accuracy"]
+        loss = mlp["clean_accuracy"] - mvp["clean_accuracy"]
+        out["mvp_robust_gain_points"] = 100 * gain
+        out["mvp_clean_loss_points"] = 100 * loss
+        out["mvp_target_met"] = gain >= 0.05 and loss <= 0.015
+    if adv and mlp and mvp:
+        out["mvp_adv_above_both"] = adv["mean_robust_accuracy"] > max(mlp["mean_robust_accuracy"],
+                                                                     mvp["mean_robust_accuracy"])
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--epochs", type=int, default=2, help="training epochs of every row (same budget)")
+    p.add_argument("--n", type=int, default=200, help="GLUE dev sentences attacked with pwws and textfooler")
+    p.add_argument("--advgen-n", type=int, default=400, help="held-out sentences the AdvGLUE-style set is built from")
+    p.add_argument("--advgen-attack", default="deepwordbug", help="attack that builds the AdvGLUE-style set")
+    p.add_argument("--surrogate", default=str(REPO / "runs" / "sst2_minilm_victim"),
+                   help="run the AdvGLUE-style set is generated against (trained from recipes/bench if missing)")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s: %(message)s")
+    ensure_torchvision()
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    if set(rows) - set(ROWS):
+        p.error(f"unknown rows {sorted(set(rows) - set(ROWS))}; valid: {', '.join(ROWS)}")
+    if args.advgen_attack in WORD_ATTACKS:
+        p.error(f"--advgen-attack must differ from the evaluated attacks ({', '.join(WORD_ATTACKS)})")
+
+    runs = {r: ensure_run(REPO / "recipes" / "prompt" / f"sst2_minilm_{r}.yaml", f"bench_prompt_{r}",
+                          [f"train.epochs={args.epochs}"]) for r in rows}
+    surrogate = Path(args.surrogate)
+    if not (surrogate / "model.safetensors").exists():
+        surrogate = ensure_run(REPO / "recipes" / "bench" / "sst2_minilm_victim.yaml", surrogate.name, [])
+    advglue_path, counts = build_advglue_set(surrogate, args.advgen_attack, args.advgen_n)
+    print(f"AdvGLUE-style set: {counts['kept']} of {counts['examples']} held-out sentences kept "
+          f"({counts['successful']} successful {args.advgen_attack} attacks on {surrogate.name}) -> {advglue_path}")
+
+    from unirobust.runs import load_run
+    from unirobust.tasks import load_task
+
+    recipe, _ = load_run(next(iter(runs.values())))
+    dev = load_task(recipe.resolved_task, seed=recipe.seed).test
+    dev_examples = [{"sentence": dev[i]["sentence"], "label": int(dev[i]["label"])} for i in range(min(args.n, len(dev)))]
+    results = [measure_row(r, run, dev_examples, advglue_path) for r, run in runs.items()]
+    by = {r["row"]: r for r in results}
+    print()
+    print(table(results, len(dev_examples), counts["kept"]))
+    verdict = targets(by)
+    print("\n" + json.dumps(verdict, indent=1))
+    path = write_result("prompt", {"config": {**vars(args), "n_dev_attacked": len(dev_examples)},
+                                   "advglue_set": {"path": str(advglue_path.relative_to(REPO)), **{
+                                       k: v for k, v in counts.items() if k != "attack_summary"}},
+                                   "results": results, "targets": verdict})
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
