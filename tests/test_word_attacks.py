@@ -16,7 +16,7 @@ from torch import nn
 
 from unirobust.attacks import build_attack
 from unirobust.attacks.text.attack import WordAttack, attack_examples, run_word_attack, stopword_set
-from unirobust.attacks.text.results import AttackRecord, ResultStore, read_jsonl, summarise
+from unirobust.attacks.text.results import AttackRecord, ResultStore, read_jsonl, result_key, summarise
 from unirobust.attacks.text.words import WordText, levenshtein
 
 KEYWORDS = ("bad", "awful", "dull")
@@ -337,6 +337,7 @@ def test_resume_skips_finished_examples(keyword_adapter, tmp_path, monkeypatch):
     part = tmp_path / "b" / "part-0.jsonl"
     part.parent.mkdir()
     part.write_text("\n".join(lines[:5]) + "\n" + lines[5][:20])
+    (tmp_path / "b" / "key.txt").write_text((tmp_path / "a" / "key.txt").read_text())  # same model and attack
     from unirobust.attacks.text import engine
 
     seen = []
@@ -356,6 +357,41 @@ def test_resume_skips_finished_examples(keyword_adapter, tmp_path, monkeypatch):
     assert not list((tmp_path / "b").glob("part-*"))
 
 
+def test_results_of_another_model_attack_or_example_list_are_redone(keyword_adapter, tmp_path, monkeypatch):
+    """A run folder retrained, an attack re-configured or other examples must not reuse old records;
+    more examples (a larger n) only adds the new ones."""
+    from unirobust.attacks.text import engine
+
+    seen = []
+    original = engine.Engine.run
+
+    def counting(self, examples, *a, **k):
+        items = list(examples)
+        seen.append(sorted(e.index for e in items))
+        return original(self, iter(items), *a, **k)
+
+    monkeypatch.setattr(engine.Engine, "run", counting)
+    out, spec = tmp_path / "attack", attack(source="chars", wir="unk")
+    examples = NEGATIVE[:3]
+    run_word_attack(keyword_adapter, examples, spec, out, progress=False)
+    run_word_attack(keyword_adapter, examples, spec, out, progress=False)  # nothing left to do
+    run_word_attack(keyword_adapter, NEGATIVE * 2, attack(source="chars", wir="unk", n=8), out, progress=False)
+    assert seen == [[0, 1, 2], [], [3, 4, 5, 6, 7]]  # only the new examples: n is not part of the key
+    run_word_attack(keyword_adapter, examples, attack(source="chars", wir="unk", max_edit_distance=1), out,
+                    progress=False)
+    assert seen[-1] == [0, 1, 2]
+    changed = [{**examples[0], "sentence": "a bad film with a good cast"}, *examples[1:]]
+    run_word_attack(keyword_adapter, changed, attack(source="chars", wir="unk", max_edit_distance=1), out,
+                    progress=False)
+    assert seen[-1] == [0, 1, 2]
+    with torch.no_grad():
+        next(keyword_adapter.parameters()).add_(1e-3)
+    run_word_attack(keyword_adapter, changed, attack(source="chars", wir="unk", max_edit_distance=1), out,
+                    progress=False)
+    assert seen[-1] == [0, 1, 2]
+    assert len(read_jsonl(out / "results.jsonl")) == 3
+
+
 class FakeAccelerator:
     """Two processes run one after the other (the merge happens on rank 0, which runs last here)."""
 
@@ -371,6 +407,7 @@ def test_sharded_results_equal_single_process(keyword_adapter, tmp_path):
     examples = NEGATIVE * 3
     spec = attack(source="chars", wir="unk")
     run_word_attack(keyword_adapter, examples, spec, tmp_path / "one", progress=False)
+    ResultStore(tmp_path / "two").reset_if_stale(result_key(keyword_adapter, spec), examples, "sentence")
     store = ResultStore(tmp_path / "two", rank=1, world=2)
     attack_examples(keyword_adapter, examples, spec, store=store, progress=False, indices=store.todo(len(examples)))
     assert {r.index for r in read_jsonl(tmp_path / "two" / "part-1.jsonl")} == {1, 3, 5, 7, 9, 11}

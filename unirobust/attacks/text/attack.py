@@ -16,7 +16,7 @@ from typing import ClassVar, Literal
 from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 
-from .results import AttackRecord, ResultStore, summarise
+from .results import AttackRecord, ResultStore, result_key, summarise
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +264,8 @@ def run_word_attack(adapter, examples: list[dict], attack, out_dir, accelerator=
                     progress: bool = True, runner=None) -> dict:
     """Attack ``examples`` into ``out_dir`` (results.jsonl + summary.json) and return the summary.
 
-    Resumable: examples already in ``out_dir`` are not redone (``fresh`` starts over). Under
+    Resumable: examples already in ``out_dir`` are not redone (``fresh`` starts over; results of
+    another model, attack configuration or example list are dropped with a warning). Under
     ``accelerate launch`` each process attacks indices ``i % world == rank``; the main process
     merges. ``runner(adapter, examples, attack, store, indices, progress)`` replaces unirobust's
     engine (the TextAttack bridge uses this); it must append every record to ``store``.
@@ -276,6 +277,9 @@ def run_word_attack(adapter, examples: list[dict], attack, out_dir, accelerator=
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     if fresh and rank == 0 and out_dir.exists():
         shutil.rmtree(out_dir)
+    if rank == 0:
+        field = getattr(attack, "field", None) or adapter.text_fields[-1]
+        ResultStore(out_dir).reset_if_stale(result_key(adapter, attack), examples, field)
     if accelerator:
         accelerator.wait_for_everyone()
     store = ResultStore(out_dir, rank, world)

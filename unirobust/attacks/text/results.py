@@ -104,6 +104,32 @@ def read_jsonl(path: Path) -> list[AttackRecord]:
     return out
 
 
+def _label(example: dict) -> int | None:
+    try:
+        return int(example["label"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def result_key(adapter, attack) -> str:
+    """Fingerprint of what a result folder's records depend on: the model's weights (every parameter
+    and buffer, hashed) and the attack configuration (its fields except ``n``, the example count,
+    which may grow on resume)."""
+    import dataclasses
+    import hashlib
+
+    import torch
+
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in [*adapter.named_parameters(), *adapter.named_buffers()]:
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    config = {k: v for k, v in dataclasses.asdict(attack).items() if k != "n"} \
+        if dataclasses.is_dataclass(attack) else str(attack)
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
 class ResultStore:
     """Result files of one attack run in ``root``; see the module docstring."""
 
@@ -143,6 +169,29 @@ class ResultStore:
             f.write(record.to_json() + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+    def reset_if_stale(self, key: str, examples: list[dict], field: str) -> bool:
+        """Start over (drop every record) when the folder holds results of another model or attack
+        configuration (``key`` differs from the one written with them) or of other examples (a
+        record's text or label differs from ``examples[index]``). Returns whether it reset. Call
+        on one process before the others open the folder."""
+        key_file = self.root / "key.txt"
+        done = self.finished()
+        reason = None
+        if done and (not key_file.exists() or key_file.read_text().strip() != key):
+            reason = "another model or attack configuration"
+        elif any(r.index < len(examples) and (r.label != _label(examples[r.index])
+                                             or (r.status != "error" and r.original != str(examples[r.index].get(field))))
+                 for r in done.values()):
+            reason = "other examples"
+        if reason:
+            log.warning("%s holds results of %s; starting over", self.root, reason)
+            for path in [*self.root.glob("part-*.jsonl"), self.results_path, self.root / "summary.json"]:
+                path.unlink(missing_ok=True)
+        from ...report import atomic_write
+
+        atomic_write(key_file, key + "\n")
+        return reason is not None
 
     def merge(self, n: int | None = None, extra: dict | None = None) -> dict:
         """Write ``results.jsonl`` (records ``< n``, by index) and ``summary.json``; drop the parts.
