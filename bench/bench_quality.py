@@ -43,6 +43,22 @@ def recipe_for(suite: str, defense: str) -> tuple[Path, list[str]]:
     raise FileNotFoundError(path)
 
 
+def reevaluate(recipe, run_dir: Path) -> dict:
+    """The run's saved metrics with ``eval`` redone on its saved weights under ``recipe``'s eval settings."""
+    from unirobust.evaluate import evaluate
+    from unirobust.runs import build_attacks, first_examples, load_run
+    from unirobust.tasks import load_task
+    from unirobust.train import make_accelerator
+
+    _, adapter = load_run(run_dir)
+    task = recipe.resolved_task
+    data = first_examples(load_task(task, seed=recipe.seed).split(recipe.eval.split), recipe.eval.max_examples)
+    ev = evaluate(adapter, data, build_attacks(recipe.eval.attacks, task.threat), make_accelerator(recipe),
+                  recipe.eval.batch_size, task.labels, threat=task.threat, check_examples=recipe.eval.check_examples,
+                  out_dir=run_dir)
+    return {**json.loads((run_dir / "metrics.json").read_text()), "eval": ev}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", choices=sorted(SUITES), default="vision")
@@ -51,6 +67,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--eval", type=int, default=500, help="evaluation examples")
     p.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every recipe")
+    p.add_argument("--reuse", action="store_true",
+                   help="re-evaluate finished runs in bench/runs/<suite> instead of training them again")
     p.add_argument("--word-attacks", nargs="*", default=[], metavar="NAME[:k=v,...]",
                    help="text suite: word attacks evaluated for every defense (replacing the recipe's own)")
     args = p.parse_args()
@@ -58,7 +76,7 @@ def main() -> None:
     from unirobust.defenses import build_defense
     from unirobust.recipe import load_recipes
     from unirobust.report import metrics_table
-    from unirobust.runs import execute
+    from unirobust.runs import execute, run_dir_of
 
     out_dir = ROOT / "bench" / "runs" / args.suite
     rows, table_rows = {}, {}
@@ -77,7 +95,11 @@ def main() -> None:
             overrides.append("eval.attacks=" + json.dumps(continuous + [parse_attack(a) for a in args.word_attacks]))
         recipe = load_recipes(path, overrides)[0]
         start = time.time()
-        m = execute(recipe)
+        run_dir = run_dir_of(recipe)
+        if args.reuse and (run_dir / "model.safetensors").exists() and (run_dir / "metrics.json").exists():
+            m = reevaluate(recipe, run_dir)
+        else:
+            m = execute(recipe)
         ev, tr = m["eval"], m.get("train", {})
         rows[defense] = {"recipe": str(path.relative_to(ROOT)), "overrides": overrides,
                          "clean_accuracy": ev["clean_accuracy"], "robust_accuracy": ev["robust_accuracy"],

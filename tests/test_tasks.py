@@ -314,3 +314,19 @@ def test_shipped_tasks_are_found():
     for name, path in found.items():
         if path.parent == REPO / "tasks":
             assert get_task(name).name == name  # the file's name field matches its file name
+
+
+def test_first_examples_warns_when_the_head_misses_classes(caplog):
+    from datasets import Dataset
+
+    from unirobust.runs import first_examples
+
+    ordered = Dataset.from_dict({"x": list(range(9)), "label": [0, 0, 0, 1, 1, 1, 2, 2, 2]})
+    with caplog.at_level("WARNING", logger="unirobust"):
+        assert first_examples(ordered, 4)["x"] == [0, 1, 2, 3]
+    assert "miss 1 of the split's classes" in caplog.text and "task.max_eval=4" in caplog.text
+    caplog.clear()
+    mixed = Dataset.from_dict({"x": list(range(6)), "label": [0, 1, 2, 0, 1, 2]})
+    with caplog.at_level("WARNING", logger="unirobust"):
+        assert len(first_examples(mixed, 3)) == 3 and len(first_examples(mixed, None)) == 6
+    assert "miss" not in caplog.text

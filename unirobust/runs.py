@@ -42,8 +42,17 @@ class LogToFile:
 
 
 def first_examples(split, limit: int | None):
-    """The first ``limit`` examples of an evaluation split (all of them when ``limit`` is None)."""
-    return split.select(range(limit)) if limit and limit < len(split) else split
+    """The first ``limit`` examples of an evaluation split (all of them when ``limit`` is None).
+    Warns when they miss classes the split has (a split sorted by class, as animal-mnist's is)."""
+    if not limit or limit >= len(split):
+        return split
+    head = split.select(range(limit))
+    if "label" in split.column_names:
+        missing = set(split["label"]) - set(head["label"])
+        if missing:
+            log.warning("the first %d examples miss %d of the split's classes (is it sorted by class?); "
+                        "task.max_eval=%d takes a seeded class-balanced sample instead", limit, len(missing), limit)
+    return head
 
 
 def build_attacks(configs: list[AttackConfig], threat) -> dict:
