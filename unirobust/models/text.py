@@ -89,7 +89,7 @@ class TextAdapter(nn.Module):
     @property
     def pad_multiple(self) -> int | None:
         """8 on accelerators (tensor-core friendly shapes); none on CPU, where the extra padding
-        only costs time (about 1.2x per forward on short SST-2 sentences, bench/bench_word_attacks)."""
+        only costs time (MiniLM on SST-2 dev, batch 32, 2 threads: 170 vs 141 sentences/s)."""
         return None if self.special_ids.device.type == "cpu" else 8
 
     def collate(self, examples: list[dict]) -> dict:
