@@ -9,7 +9,8 @@ sentences), optimiser and budget (``--epochs``):
 - ``mvp``: ``recipes/prompt/sst2_minilm_mvp.yaml``, template + verbalizer read at the mask (MVP);
 - ``mvp_adv``: ``recipes/prompt/sst2_minilm_mvp_adv.yaml``, MVP with embedding PGD-AT (MVP+Adv).
 
-Each is trained once into ``runs/bench_prompt_<row>/`` (reused when it exists). Per row: clean
+Each is trained once into ``runs/bench_prompt_<row>/`` (reused when it exists, whatever its
+epochs: the table says how many each row had). Per row: clean
 accuracy on the 872 GLUE dev sentences (and the recipe's embedding-PGD robust accuracy), accuracy
 under ``pwws`` and ``textfooler`` (unirobust's offline recipes) on the same first ``--n`` dev
 sentences, and accuracy on an AdvGLUE-style set. That set is built once with ``unirobust``'s
@@ -38,7 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
+from common import RESULTS, write_result  # noqa: E402
 
 from unirobust.compat import ensure_torchvision  # noqa: E402
 
@@ -112,7 +113,8 @@ def measure_row(row: str, run: Path, dev_examples: list[dict], advglue_path: Pat
     out = {"row": row, "method": ROWS[row], "run": str(run.relative_to(REPO)),
            "clean_accuracy": metrics["eval"]["clean_accuracy"], "n_dev": metrics["eval"].get("n"),
            "pgd_accuracy": metrics["eval"].get("robust_accuracy"),
-           "train_seconds": metrics.get("train", {}).get("seconds")}
+           "train_seconds": metrics.get("train", {}).get("seconds"), "epochs": recipe.train.epochs,
+           "train_steps": metrics.get("train", {}).get("steps")}
     for name in WORD_ATTACKS:
         s = word_attack(run, adapter, dev_examples, name)
         out[name] = {k: s.get(k) for k in ("accuracy_under_attack", "attack_success_rate", "clean_accuracy",
@@ -134,11 +136,11 @@ def pct(x) -> str:
 
 def table(rows: list[dict], n: int, n_adv: int) -> str:
     lines = [f"| method | clean (872 dev) | embedding PGD | pwws (n={n}) | textfooler (n={n}) | "
-             f"AdvGLUE-style (n={n_adv}) | mean robust | train s |", "|---|---|---|---|---|---|---|---|"]
+             f"AdvGLUE-style (n={n_adv}) | mean robust | epochs | train s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {pct(r['clean_accuracy'])} | {pct(r['pgd_accuracy'])} | "
                      f"{pct(r['pwws']['accuracy_under_attack'])} | {pct(r['textfooler']['accuracy_under_attack'])} | "
-                     f"{pct(r['advglue']['accuracy'])} | {pct(r['mean_robust_accuracy'])} | "
+                     f"{pct(r['advglue']['accuracy'])} | {pct(r['mean_robust_accuracy'])} | {r['epochs']} | "
                      f"{r['train_seconds']:.0f} |")
     return "\n".join(lines)
 
@@ -192,6 +194,13 @@ def main(argv=None) -> int:
     dev = load_task(recipe.resolved_task, seed=recipe.seed).test
     dev_examples = [{"sentence": dev[i]["sentence"], "label": int(dev[i]["label"])} for i in range(min(args.n, len(dev)))]
     results = [measure_row(r, run, dev_examples, advglue_path) for r, run in runs.items()]
+    previous = RESULTS / "prompt.json"
+    if previous.exists():  # keep rows not re-run, measured on the same sentences and AdvGLUE-style set
+        old = json.loads(previous.read_text())
+        if (old.get("config", {}).get("n_dev_attacked") == len(dev_examples)
+                and old.get("advglue_set", {}).get("path") == str(advglue_path.relative_to(REPO))):
+            results = [r for r in old.get("results", []) if r["row"] not in runs] + results
+    results.sort(key=lambda r: list(ROWS).index(r["row"]))
     by = {r["row"]: r for r in results}
     print()
     print(table(results, len(dev_examples), counts["kept"]))
