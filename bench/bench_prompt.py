@@ -38,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, write_result  # noqa: E402
 
@@ -199,7 +201,11 @@ def main(argv=None) -> int:
         old = json.loads(previous.read_text())
         if (old.get("config", {}).get("n_dev_attacked") == len(dev_examples)
                 and old.get("advglue_set", {}).get("path") == str(advglue_path.relative_to(REPO))):
-            results = [r for r in old.get("results", []) if r["row"] not in runs] + results
+            kept = [r for r in old.get("results", []) if r["row"] not in runs]
+            for r in kept:
+                if "epochs" not in r:  # rows written before the field existed
+                    r["epochs"] = yaml.safe_load((REPO / r["run"] / "recipe.yaml").read_text())["train"]["epochs"]
+            results = kept + results
     results.sort(key=lambda r: list(ROWS).index(r["row"]))
     by = {r["row"]: r for r in results}
     print()
