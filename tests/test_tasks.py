@@ -330,3 +330,13 @@ def test_first_examples_warns_when_the_head_misses_classes(caplog):
     with caplog.at_level("WARNING", logger="unirobust"):
         assert len(first_examples(mixed, 3)) == 3 and len(first_examples(mixed, None)) == 6
     assert "miss" not in caplog.text
+
+
+def test_first_examples_warns_on_array_splits_too(caplog):
+    from unirobust.runs import first_examples
+    from unirobust.tasks import ArrayDataset
+
+    ordered = ArrayDataset(np.zeros((6, 1, 2, 2)), np.array([0, 0, 0, 1, 1, 1]))
+    with caplog.at_level("WARNING", logger="unirobust"):
+        assert len(first_examples(ordered, 3)) == 3
+    assert "miss 1 of the split's classes" in caplog.text

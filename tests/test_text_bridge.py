@@ -247,7 +247,8 @@ def test_pairs_record_the_changed_column(bridge, sentiment_adapter):
         if r.status in ("success", "failed"):
             assert repredict(pair, r, fields) == r.pred_after
     assert records[0].status == "success" and records[0].field == "hypothesis"
-    assert records[0].context == {"premise": "the film"}
+    if records[0].context != {"premise": "the film"}:  # DeepWordBug's random edits may touch both columns
+        assert "also changed premise" in records[0].message and records[0].context["premise"] != "the film"
     assert records[1].status == "success" and records[1].field == "premise"
     assert records[2].status == "skipped" and records[2].field == "hypothesis"  # nothing changed: last field
     forced = bridge.run_textattack(pair, examples[:1], attack, field="premise", progress=False)[0]

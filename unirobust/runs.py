@@ -11,7 +11,7 @@ from .evaluate import evaluate
 from .models import build_model
 from .recipe import AttackConfig, Recipe, RecipeError, read_yaml, validate
 from .report import atomic_write, environment, load_weights, save_weights, write_report
-from .tasks import load_task
+from .tasks import labels_of, load_task
 
 log = logging.getLogger("unirobust")
 
@@ -47,11 +47,13 @@ def first_examples(split, limit: int | None):
     if not limit or limit >= len(split):
         return split
     head = split.select(range(limit))
-    if "label" in split.column_names:
-        missing = set(split["label"]) - set(head["label"])
-        if missing:
-            log.warning("the first %d examples miss %d of the split's classes (is it sorted by class?); "
-                        "task.max_eval=%d takes a seeded class-balanced sample instead", limit, len(missing), limit)
+    try:
+        missing = set(labels_of(split).tolist()) - set(labels_of(head).tolist())
+    except (KeyError, ValueError):  # a split without labels
+        missing = set()
+    if missing:
+        log.warning("the first %d examples miss %d of the split's classes (is it sorted by class?); "
+                    "task.max_eval=%d takes a seeded class-balanced sample instead", limit, len(missing), limit)
     return head
 
 
