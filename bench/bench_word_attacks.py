@@ -26,8 +26,10 @@ Attacks (all offline):
   ``{"name": "textfooler", "counterfit": False, "pos": False, "antonyms": True}``.
 
 unirobust-only rows: ``pwws-fast`` / ``deepwordbug-fast`` (``wir: gradient``: one backward pass
-instead of one query per word) and ``textfooler`` (the offline TextFooler: counter-fitted
-embeddings, WordNet POS; TextAttack's own recipe needs downloads). Counter-fitting (once per model,
+instead of one query per word), ``deepwordbug-probe`` (``wir: candidate``: each word ranked by its
+own first candidate) and ``textfooler`` (the offline TextFooler: counter-fitted embeddings, WordNet
+POS; TextAttack's own recipe needs downloads). ``--procs 1,2`` adds rows ``unirobust-2proc``: the
+examples sharded over two processes of one thread each. Counter-fitting (once per model,
 cached) and loading the sentence encoder count as setup on both sides, not attack time.
 
 Per side it prints examples/s, seconds/example, queries/example (over attacked examples), attack
@@ -288,7 +290,7 @@ def side_name(procs: int) -> str:
 
 def run_unirobust_sharded(name: str, run_path: Path, examples: list[dict], procs: int):
     """The engine on ``procs`` processes of ``cores // procs`` threads each (what ``unirobust launch
-    --cpu --num_processes P -- attack ...`` does: accelerate sets OMP_NUM_THREADS per process). Wall
+    --multi_gpu --num_processes P -- attack ...`` does on CPU, with OMP_NUM_THREADS per process). Wall
     time runs from the common start (after every process has loaded the model) to the last finish."""
     ctx = torch.multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(procs), ctx.Queue()
