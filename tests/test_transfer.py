@@ -287,11 +287,12 @@ def test_cli_transfer_entry_point(tmp_path, capsys):
 def test_evaluate_extras_members_and_missing_surrogate(tmp_path, caplog):
     from unirobust.recipe import validate
     from unirobust.tasks import load_task
-    from unirobust.transfer_eval import evaluate_extras, load_run_adapter
+    from unirobust.runs import load_run
+    from unirobust.transfer_eval import evaluate_extras
 
     run = _fake_run(tmp_path, "ens", 0, ensemble=2)
     surrogate = _fake_run(tmp_path, "single", 1)
-    recipe, adapter = load_run_adapter(run)
+    recipe, adapter = load_run(run)
     raw = json.loads(json.dumps(recipe.model_dump(mode="json")))
     raw["eval"]["transfer"] = {"surrogates": [str(surrogate), str(tmp_path / "nope")],
                                "attacks": [{"name": "mi-fgsm", "steps": 2}], "max_examples": 16}

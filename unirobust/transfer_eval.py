@@ -193,26 +193,12 @@ def extras_markdown(ev: dict) -> str:
 # ----------------------------------------------------------------------------- runs
 
 
-def load_run_adapter(run_dir: str | Path, overrides: list[str] = ()):
-    """``(recipe, adapter)`` of a finished run folder; ``model.ensemble`` runs rebuild their ensemble."""
-    from .models.base import build_from_config
-    from .recipe import RecipeError, apply_overrides, read_yaml, validate
-    from .report import load_weights
-
-    run_dir = Path(run_dir)
-    weights = run_dir / "model.safetensors"
-    if not weights.exists():
-        raise RecipeError(f"{run_dir} is not a finished run (no model.safetensors)")
-    recipe = validate(apply_overrides(read_yaml(run_dir / "recipe.yaml"), list(overrides)), f"run {run_dir}")
-    adapter = build_from_config(recipe.model, recipe.resolved_task)
-    load_weights(adapter, weights)
-    return recipe, adapter
-
-
 def load_surrogate(spec: str, device=None):
     """A run folder, or ``runA+runB+...``: an ensemble (mean of logits) of run folders."""
+    from .runs import load_run
+
     parts = [p for p in spec.split("+") if p]
-    adapters = [load_run_adapter(p)[1] for p in parts]
+    adapters = [load_run(p)[1] for p in parts]
     adapter = adapters[0] if len(adapters) == 1 else EnsembleAdapter(adapters)
     return adapter.to(device) if device is not None else adapter
 
@@ -276,15 +262,15 @@ def cmd_transfer(args) -> int:
     from .cli import parse_attack
     from .recipe import AttackConfig
     from .report import atomic_write
-    from .runs import build_attacks, first_examples
+    from .runs import build_attacks, first_examples, load_run
     from .tasks import load_task
     from .train import make_accelerator
 
-    recipe, _ = load_run_adapter(args.targets[0])
+    recipe, _ = load_run(args.targets[0])
     task = recipe.resolved_task
     accelerator = make_accelerator(recipe)
     device = accelerator.device
-    targets = {t: load_run_adapter(t)[1].to(device) for t in args.targets}
+    targets = {t: load_run(t)[1].to(device) for t in args.targets}
     surrogates = {s: targets[s] if s in targets else load_surrogate(s, device) for s in args.surrogates}
     configs = [AttackConfig(**parse_attack(a)) for a in (args.attack or ["mi-fgsm"])]
     attacks = build_attacks(configs, task.threat)
