@@ -2,11 +2,13 @@
 
     python bench/bench_prompt.py [--epochs 2] [--n 200] [--advgen-n 400] [--advgen-attack deepwordbug]
 
-Three recipes, same model (all-MiniLM-L6-v2, offline), data (the 4,000 bundled SST-2 training
+Four recipes, same model (all-MiniLM-L6-v2, offline), data (the 4,000 bundled SST-2 training
 sentences), optimiser and budget (``--epochs``):
 
 - ``mlp``: ``recipes/prompt/sst2_minilm_mlp.yaml``, the standard randomly initialised head (MLP-FT);
 - ``mvp``: ``recipes/prompt/sst2_minilm_mvp.yaml``, template + verbalizer read at the mask (MVP);
+- ``mvp_multi``: ``recipes/prompt/sst2_minilm_mvp_multi.yaml``, MVP with two templates and three
+  verbalizer words per class (scores averaged), checked against the MVP target on its own;
 - ``mvp_adv``: ``recipes/prompt/sst2_minilm_mvp_adv.yaml``, MVP with embedding PGD-AT (MVP+Adv).
 
 Each is trained once into ``runs/bench_prompt_<row>/`` (reused when it exists, whatever its
@@ -22,7 +24,7 @@ flipped, <= 15% of words changed, sentence similarity >= 0.85). So all three row
 examples, as models evaluated on AdvGLUE do.
 
 Target (issue 4): MVP at least 5 points more robust than MLP-FT (mean of the word-attack and
-AdvGLUE-style accuracies) at no more than 1.5 points clean loss; MVP+Adv above both.
+AdvGLUE-style accuracies) at no more than 1.5 points clean loss; MVP+Adv above MLP-FT and MVP.
 Results: ``bench/results/prompt.json``; word-attack records stay in ``runs/bench_prompt_<row>/attacks/``
 (resumable).
 """
@@ -46,7 +48,9 @@ from common import RESULTS, write_result  # noqa: E402
 from unirobust.compat import ensure_torchvision  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-ROWS = {"mlp": "MLP-FT", "mvp": "MVP", "mvp_adv": "MVP+Adv"}
+ROWS = {"mlp": "MLP-FT", "mvp": "MVP", "mvp_multi": "MVP (2 templates, 3 words)", "mvp_adv": "MVP+Adv"}
+#: rows that are MVP variants, each checked against the MVP target on its own
+MVP_ROWS = ("mvp", "mvp_multi")
 WORD_ATTACKS = ("pwws", "textfooler")
 HELDOUT = REPO.parent / "shared" / "data" / "sst2" / "heldout.tsv"
 
@@ -148,17 +152,21 @@ def table(rows: list[dict], n: int, n_adv: int) -> str:
 
 
 def targets(by: dict) -> dict:
-    mlp, mvp, adv = by.get("mlp"), by.get("mvp"), by.get("mvp_adv")
+    """Per MVP variant: robust gain over MLP-FT and clean loss (target: >= 5 points at <= 1.5 points);
+    MVP+Adv above MLP-FT and every MVP variant."""
+    mlp, adv = by.get("mlp"), by.get("mvp_adv")
     out = {}
-    if mlp and mvp:
-        gain = mvp["mean_robust_accuracy"] - mlp["mean_robust_accuracy"]
-        loss = mlp["clean_accuracy"] - mvp["clean_accuracy"]
-        out["mvp_robust_gain_points"] = 100 * gain
-        out["mvp_clean_loss_points"] = 100 * loss
-        out["mvp_target_met"] = gain >= 0.05 and loss <= 0.015
-    if adv and mlp and mvp:
-        out["mvp_adv_above_both"] = adv["mean_robust_accuracy"] > max(mlp["mean_robust_accuracy"],
-                                                                     mvp["mean_robust_accuracy"])
+    for row in MVP_ROWS:
+        mvp = by.get(row)
+        if mlp and mvp:
+            gain = mvp["mean_robust_accuracy"] - mlp["mean_robust_accuracy"]
+            loss = mlp["clean_accuracy"] - mvp["clean_accuracy"]
+            out[f"{row}_robust_gain_points"] = 100 * gain
+            out[f"{row}_clean_loss_points"] = 100 * loss
+            out[f"{row}_target_met"] = gain >= 0.05 and loss <= 0.015
+    variants = [by[r] for r in MVP_ROWS if r in by]
+    if adv and mlp and variants:
+        out["mvp_adv_above_both"] = adv["mean_robust_accuracy"] > max(r["mean_robust_accuracy"] for r in [mlp, *variants])
     return out
 
 

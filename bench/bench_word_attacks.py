@@ -1,14 +1,17 @@
 """Word-substitution attacks: unirobust's engine against TextAttack on the same victim and examples (issue 6).
 
-    python bench/bench_word_attacks.py [--run runs/sst2_minilm_victim] [--n 100]
+    python bench/bench_word_attacks.py [--run runs/sst2_minilm_victim] [--n 100] [--hf64]
         [--attacks pwws,deepwordbug,textfooler-like,...] [--side textattack|unirobust|both] [--threads N]
 
 The victim is a finished run folder (default: ``unirobust run recipes/bench/sst2_minilm_victim.yaml``,
 all-MiniLM-L6-v2 fine-tuned on the bundled SST-2 sample). The examples are the first ``--n`` GLUE-dev
-sentences it classifies correctly. For each attack, TextAttack (0.3.11, one example at a time, through
-:class:`unirobust.attacks.text.bridge.AdapterWrapper`, which pads each query batch to its longest
-member: TextAttack's "tuned" setting, not ``HuggingFaceModelWrapper``'s pad-to-512) runs first, then
-unirobust's engine, on the same adapter and the same examples.
+sentences it classifies correctly. For each attack, TextAttack (0.3.11, one example at a time) runs
+first, then unirobust's engine, on the same adapter and the same examples. TextAttack queries the
+victim through :class:`unirobust.attacks.text.bridge.AdapterWrapper`, which pads each query batch to
+its longest member as unirobust's engine does (side ``textattack``), and with ``--hf64`` also through
+its own ``HuggingFaceModelWrapper`` with the tokenizer's ``model_max_length`` at 64, so every query is
+padded to 64 tokens (side ``textattack-hf64``: the issue's "tuned" baseline; by default that wrapper
+pads to 512).
 
 Attacks (all offline):
 
@@ -72,6 +75,8 @@ UNIROBUST_SPECS = {
     "deepwordbug-probe": {"name": "deepwordbug", "wir": "candidate"},
     "textfooler": {"name": "textfooler"},
 }
+#: Side name of TextAttack through its own HuggingFaceModelWrapper, every query padded to 64 tokens.
+TEXTATTACK_HF64 = "textattack-hf64"
 #: Measured by the issue author (TextAttack 0.3.11, this victim setup, 100 examples, tuned padding).
 REFERENCE = {
     "pwws": {"seconds_per_example": 0.91, "queries_per_example": 116, "success_rate": 0.93, "words_perturbed": 0.127},
@@ -200,11 +205,11 @@ def textfooler_like(wrapper, adapter):
                   GreedyWordSwapWIR(wir_method="delete"))
 
 
-def timed_wrapper(adapter):
-    """An ``AdapterWrapper`` that adds the wall time of its forward passes to ``.forward_seconds``."""
-    from unirobust.attacks.text import bridge
+def timed(wrapper_class):
+    """A subclass of a TextAttack model wrapper class that adds the wall time of its forward passes
+    to ``.forward_seconds``."""
 
-    class Timed(bridge.AdapterWrapper):
+    class Timed(wrapper_class):
         forward_seconds = 0.0
 
         def __call__(self, text_input_list, **kwargs):
@@ -214,13 +219,36 @@ def timed_wrapper(adapter):
             finally:
                 self.forward_seconds += time.perf_counter() - t
 
-    return Timed(adapter)
+    return Timed
 
 
-def run_textattack_side(name: str, adapter, examples: list[dict]):
+def timed_wrapper(adapter):
+    """unirobust's ``AdapterWrapper`` (each query batch padded to its longest member), timed."""
+    from unirobust.attacks.text import bridge
+
+    return timed(bridge.AdapterWrapper)(adapter)
+
+
+def timed_hf_wrapper(adapter, max_length: int = 64):
+    """TextAttack's own ``HuggingFaceModelWrapper`` over the victim's Hugging Face model, with the
+    tokenizer's ``model_max_length`` set to ``max_length``: it pads every query to that length (the
+    issue's "tuned" baseline; its default pads to 512). Timed."""
+    import copy
+
+    from textattack.models.wrappers import HuggingFaceModelWrapper
+
+    tokenizer = copy.deepcopy(adapter.tokenizer)
+    tokenizer.model_max_length = max_length
+    adapter.eval()
+    wrapper = timed(HuggingFaceModelWrapper)(adapter.model, tokenizer)
+    wrapper.batch_size = 32  # TextAttack's default model_batch_size (read by textfooler_like)
+    return wrapper
+
+
+def run_textattack_side(name: str, adapter, examples: list[dict], wrapper_kind: str = "adapter"):
     from unirobust.attacks.text.bridge import build_textattack_attack, run_textattack
 
-    wrapper = timed_wrapper(adapter)
+    wrapper = timed_wrapper(adapter) if wrapper_kind == "adapter" else timed_hf_wrapper(adapter)
     t = time.perf_counter()
     attack = textfooler_like(wrapper, adapter) if name == "textfooler-like" else build_textattack_attack(name, wrapper)
     setup = time.perf_counter() - t
@@ -387,6 +415,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
     p.add_argument("--procs", default="1", help="comma-separated process counts for the unirobust side; P > 1 "
                    "shards the examples over P processes of cores/P threads (rows 'unirobust-Pproc')")
+    p.add_argument("--hf64", action="store_true", help="also run TextAttack through its own "
+                   "HuggingFaceModelWrapper padding every query to 64 tokens (the issue's baseline; rows "
+                   f"'{TEXTATTACK_HF64}')")
     p.add_argument("--records", default=None, help="folder for per-example records (<attack>-<side>.jsonl)")
     p.add_argument("--name", default="word_attacks", help="results file bench/results/<name>.json")
     args = p.parse_args(argv)
@@ -404,10 +435,12 @@ def main(argv=None) -> int:
     if not procs or min(procs) < 1:
         p.error("--procs takes positive process counts, e.g. 1,2")
     sides = ["textattack", "unirobust"] if args.side == "both" else [args.side]
+    if args.hf64 and "textattack" in sides:
+        sides.insert(sides.index("textattack") + 1, TEXTATTACK_HF64)
     if "unirobust" in sides:
         sides[sides.index("unirobust"):] = [side_name(k) for k in procs]
     engine = unirobust_engine() if any(s.startswith("unirobust") for s in sides) else None
-    if "textattack" in sides:
+    if any(s.startswith("textattack") for s in sides):
         from unirobust.offline import ensure_textattack_ready
 
         ensure_textattack_ready()
@@ -427,10 +460,12 @@ def main(argv=None) -> int:
     rows = []
     for name in attacks:
         for side in sides:
-            if side == "textattack" and name in UNIROBUST_ONLY:
+            if side.startswith("textattack") and name in UNIROBUST_ONLY:
                 continue
             if side == "textattack":
                 records, stats = run_textattack_side(name, adapter, examples)
+            elif side == TEXTATTACK_HF64:
+                records, stats = run_textattack_side(name, adapter, examples, wrapper_kind="hf64")
             elif side == "unirobust":
                 records, stats = run_unirobust_side(name, adapter, examples, engine)
             else:
@@ -453,7 +488,7 @@ def main(argv=None) -> int:
         if same:
             rows = [r for r in old.get("results", []) if (r["attack"], r["side"]) not in done] + rows
     order = {a: i for i, a in enumerate(ATTACKS)}
-    rows.sort(key=lambda r: (order.get(r["attack"], 99), r["side"] != "textattack", r["side"]))
+    rows.sort(key=lambda r: (order.get(r["attack"], 99), not r["side"].startswith("textattack"), r["side"]))
     print("\nall rows:")
     print_table(rows)
     agree = agreement(rows)
