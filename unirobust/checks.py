@@ -28,7 +28,7 @@ from pydantic.dataclasses import dataclass
 from torch import Tensor
 
 from .attacks.apgd import margin_loss
-from .attacks.pgd import PGD, broadcast_mask
+from .attacks.pgd import PGD, broadcast_mask, run_attack
 from .models.base import eval_mode, normalize_step, unwrap
 
 log = logging.getLogger(__name__)
@@ -207,9 +207,8 @@ class RandomSearch:
     relative: bool = False
 
     def __call__(self, model, batch: dict) -> Tensor:
-        adapter = unwrap(model)
-        with eval_mode(adapter), torch.no_grad():
-            return self._run(adapter, batch)
+        with torch.no_grad():
+            return run_attack(model, batch, self._run)
 
     def _propose(self, z: Tensor, z0: Tensor, radius: Tensor, mask: Tensor, p: float, dims) -> Tensor:
         pick = (torch.rand_like(z) < p).to(z.dtype) * mask
@@ -219,8 +218,7 @@ class RandomSearch:
         delta = z - z0 + normalize_step(torch.randn_like(z) * pick, "l2", dims) * radius
         return z0 + normalize_step(delta * mask, "l2", dims) * radius
 
-    def _run(self, adapter, batch: dict) -> Tensor:
-        z0 = adapter.embed(batch).detach()
+    def _run(self, adapter, batch: dict, z0: Tensor) -> Tensor:
         if self.eps == 0:
             return z0
         labels, dims = batch["labels"], adapter.ball_dims

@@ -32,9 +32,9 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 from torch import Tensor
 
-from ..models.base import normalize_step, random_in_ball, eval_mode, unwrap
+from ..models.base import normalize_step, random_in_ball
 from .apgd import margin_loss
-from .pgd import broadcast_mask
+from .pgd import broadcast_mask, run_attack
 
 
 @dataclass(config=ConfigDict(extra="forbid"))
@@ -66,13 +66,9 @@ class AltPGD:
         return turn % 2 == 1
 
     def __call__(self, model, batch: dict) -> Tensor:
-        adapter = unwrap(model)
-        with eval_mode(adapter):
-            return self._run(adapter, batch)
+        return run_attack(model, batch, self._run)
 
-    def _run(self, adapter, batch: dict) -> Tensor:
-        with torch.no_grad():
-            z0 = adapter.embed(batch).detach()
+    def _run(self, adapter, batch: dict, z0: Tensor) -> Tensor:
         if self.eps == 0 or self.steps == 0:
             return z0
         labels = batch["labels"]

@@ -50,8 +50,8 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 from torch import Tensor
 
-from ..models.base import normalize_step, unit_norm, eval_mode, unwrap
-from .pgd import broadcast_mask
+from ..models.base import normalize_step, unit_norm
+from .pgd import broadcast_mask, run_attack
 
 log = logging.getLogger(__name__)
 
@@ -131,13 +131,9 @@ class _APGD:
         raise NotImplementedError
 
     def __call__(self, model, batch: dict) -> Tensor:
-        adapter = unwrap(model)
-        with eval_mode(adapter):
-            return self._run(adapter, batch)
+        return run_attack(model, batch, self._run)
 
-    def _run(self, adapter, batch: dict) -> Tensor:
-        with torch.no_grad():
-            z0 = adapter.embed(batch).detach()
+    def _run(self, adapter, batch: dict, z0: Tensor) -> Tensor:
         if self.eps == 0 or self.n_iter == 0:
             return z0
         labels = batch["labels"]

@@ -39,9 +39,8 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 from torch import Tensor
 
-from ..models.base import eval_mode, unwrap
 from .apgd import margin_loss
-from .pgd import broadcast_mask
+from .pgd import broadcast_mask, run_attack
 
 
 @plain_dataclass(frozen=True)
@@ -73,13 +72,9 @@ class CWL2:
     binary_search_steps: int = Field(default=1, ge=1)
 
     def __call__(self, model, batch: dict) -> Tensor:
-        adapter = unwrap(model)
-        with eval_mode(adapter):
-            return self._run(adapter, batch)
+        return run_attack(model, batch, self._run)
 
-    def _run(self, adapter, batch: dict) -> Tensor:
-        with torch.no_grad():
-            z0 = adapter.embed(batch).detach()
+    def _run(self, adapter, batch: dict, z0: Tensor) -> Tensor:
         if self.eps == 0 or self.n_iter == 0:
             return z0
         labels = batch["labels"]

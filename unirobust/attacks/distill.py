@@ -32,8 +32,8 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 from torch import Tensor
 
-from ..models.base import eval_mode, normalize_step, unwrap
-from .pgd import start_in_ball
+from ..models.base import normalize_step
+from .pgd import run_attack, start_in_ball
 
 
 def l1_normalize(grad: Tensor) -> Tensor:
@@ -74,14 +74,11 @@ class FeatureDistillation:
     def __call__(self, model, batch: dict, target_batch: dict, member: int | None = None) -> Tensor:
         """Distil ``batch`` (sources) toward ``target_batch`` (targets, same size); ``member`` picks an
         ensemble member's features (its input is the ensemble's shared point, see ``models/ensemble.py``)."""
-        adapter = unwrap(model)
-        with eval_mode(adapter):
-            return self._run(adapter, batch, target_batch, member)
+        return run_attack(model, batch, self._run, target_batch, member)
 
-    def _run(self, adapter, batch: dict, target_batch: dict, member: int | None) -> Tensor:
+    def _run(self, adapter, batch: dict, z0: Tensor, target_batch: dict, member: int | None) -> Tensor:
         f = feature_fn(adapter, member, self.layer)
         with torch.no_grad():
-            z0 = adapter.embed(batch).detach()
             f_t = f(adapter.embed(target_batch), target_batch).detach()
         if self.eps == 0 or self.steps == 0:
             return z0

@@ -12,7 +12,7 @@ proportional steps; restarts keep, per example, the first successful point or el
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,17 @@ from pydantic.dataclasses import dataclass
 from torch import Tensor
 
 from ..models.base import normalize_step, random_in_ball, eval_mode, unwrap
+
+
+def run_attack(model, batch: dict, run: Callable[..., Tensor], *args: Any) -> Tensor:
+    """The common entry of every attack: ``run(adapter, batch, z0, *args)`` on the unwrapped adapter
+    (Accelerate / DDP wrappers removed) in eval mode (the caller's mode is restored after), with the
+    clean point ``z0 = embed(batch)`` computed without gradient."""
+    adapter = unwrap(model)
+    with eval_mode(adapter):
+        with torch.no_grad():
+            z0 = adapter.embed(batch).detach()
+        return run(adapter, batch, z0, *args)
 
 
 def broadcast_mask(mask: Tensor, like: Tensor) -> Tensor:
@@ -85,13 +96,9 @@ class PGD:
         return self.alpha if self.alpha is not None else 2.5 * self.eps / max(self.steps, 1)
 
     def __call__(self, model, batch: dict) -> Tensor:
-        adapter = unwrap(model)
-        with eval_mode(adapter):
-            return self._run(adapter, batch)
+        return run_attack(model, batch, self._run)
 
-    def _run(self, adapter, batch: dict) -> Tensor:
-        with torch.no_grad():
-            z0 = adapter.embed(batch).detach()
+    def _run(self, adapter, batch: dict, z0: Tensor) -> Tensor:
         if self.eps == 0 or self.steps == 0:
             return z0
         labels = batch["labels"]

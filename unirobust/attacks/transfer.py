@@ -43,9 +43,9 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 from torch import Tensor
 
-from ..models.base import eval_mode, normalize_step, unit_norm, unwrap
+from ..models.base import normalize_step, unit_norm
 from .distill import l1_normalize
-from .pgd import attack_loss, pick_targets, start_in_ball
+from .pgd import attack_loss, pick_targets, run_attack, start_in_ball
 
 log = logging.getLogger(__name__)
 
@@ -99,15 +99,12 @@ class MIFGSM:
         return self.alpha if self.alpha is not None else self.eps / max(self.steps, 1)
 
     def __call__(self, model, batch: dict) -> Tensor:
-        adapter = unwrap(model)
-        with eval_mode(adapter):
-            return self._run(adapter, batch, _diversity_for(adapter, self.diversity_prob))
+        return run_attack(model, batch, self._run)
 
-    def _run(self, adapter, batch: dict, diversity: float) -> Tensor:
-        with torch.no_grad():
-            z0 = adapter.embed(batch).detach()
+    def _run(self, adapter, batch: dict, z0: Tensor) -> Tensor:
         if self.eps == 0 or self.steps == 0:
             return z0
+        diversity = _diversity_for(adapter, self.diversity_prob)
         labels = batch["labels"]
         targets = pick_targets(batch, adapter.num_classes) if self.targeted else None
         mask, radius, z = start_in_ball(adapter, z0, batch, self, self.random_start)
@@ -154,10 +151,7 @@ class CWA:
         return self.alpha if self.alpha is not None else self.eps / 5
 
     def __call__(self, model, batch: dict) -> Tensor:
-        adapter = unwrap(model)
-        with eval_mode(adapter):
-            self._diversity = _diversity_for(adapter, self.diversity_prob)
-            return self._run(adapter, batch)
+        return run_attack(model, batch, self._run)
 
     def _grad(self, fn, z: Tensor, batch: dict, labels, targets, mask) -> Tensor:
         z = z.detach().requires_grad_(True)
@@ -167,11 +161,10 @@ class CWA:
             grad, = torch.autograd.grad(loss, z)
         return grad * mask
 
-    def _run(self, adapter, batch: dict) -> Tensor:
-        with torch.no_grad():
-            z0 = adapter.embed(batch).detach()
+    def _run(self, adapter, batch: dict, z0: Tensor) -> Tensor:
         if self.eps == 0 or self.steps == 0:
             return z0
+        self._diversity = _diversity_for(adapter, self.diversity_prob)
         labels = batch["labels"]
         targets = pick_targets(batch, adapter.num_classes) if self.targeted else None
         mask, radius, z = start_in_ball(adapter, z0, batch, self, self.random_start)
