@@ -229,6 +229,30 @@ def test_resume_skips_finished_examples(bridge, sentiment_adapter, deepwordbug, 
     assert [r.index for r in done + rest] == sorted(store.finished())
 
 
+def test_random_attack_is_seeded_per_example(bridge, sentiment_adapter, sentences, tmp_path):
+    """DeepWordBug's edits are random: each example is seeded by its index, so a fresh attack, or a
+    resumed run that starts at example 2, reproduces the records; another seed changes them; and the
+    global generators are left as they were."""
+    import numpy as np
+
+    def fresh():  # a new Attack: no transformation cache shared between runs
+        return bridge.build_textattack_attack("deepwordbug", bridge.AdapterWrapper(sentiment_adapter))
+
+    many = sentences * 3  # same sentences at several indices: each index has its own seed
+    np.random.seed(123)
+    full = bridge.run_textattack(sentiment_adapter, many, fresh(), progress=False)
+    assert np.random.randint(1 << 30) == np.random.RandomState(123).randint(1 << 30)  # state restored
+    again = bridge.run_textattack(sentiment_adapter, many, fresh(), progress=False)
+    assert [r.adversarial for r in again] == [r.adversarial for r in full]
+    store = ResultStore(tmp_path / "resumed")
+    for r in full[:2]:
+        store.append(r)
+    rest = bridge.run_textattack(sentiment_adapter, many, fresh(), store=store, progress=False)
+    assert [r.adversarial for r in rest] == [r.adversarial for r in full[2:]]
+    other = bridge.run_textattack(sentiment_adapter, many, fresh(), progress=False, seed=1)
+    assert [r.adversarial for r in other] != [r.adversarial for r in full]
+
+
 def test_pairs_record_the_changed_column(bridge, sentiment_adapter):
     from unirobust.models.text import TextAdapter
 

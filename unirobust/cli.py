@@ -160,7 +160,8 @@ def cmd_attack(args) -> int:
         attack = build_textattack_attack(args.textattack_recipe, AdapterWrapper(adapter), query_budget=args.query_budget)
 
         def runner(adapter, examples, attack, store, indices, progress):
-            run_textattack(adapter, examples, attack, store=store, progress=progress)  # store.todo(): this rank's share
+            run_textattack(adapter, examples, attack, store=store, progress=progress,  # store.todo(): this rank's share
+                           seed=recipe.seed)
     else:
         attack = word_attack_of(args.attack, **({"query_budget": args.query_budget} if args.query_budget else {}))
         name = args.attack.replace(":", "_").replace(",", "_").replace("=", "-")

@@ -26,6 +26,7 @@ textattack at module import time.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -349,8 +350,29 @@ def _to_record(index: int, result, fields: list[str], field: str | None, example
         words_total=n_total, seconds=seconds, field=name, context=context, message=message)
 
 
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Seed Python's, NumPy's and torch's global generators (TextAttack draws from them: DeepWordBug's
+    character edits use ``np.random``) for the block, and restore their previous states after."""
+    import random
+
+    import numpy as np
+    import torch
+
+    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+
+
 def run_textattack(adapter, examples: list[dict], attack, store: ResultStore | None = None,
-                   field: str | None = None, progress: bool = True) -> list[AttackRecord]:
+                   field: str | None = None, progress: bool = True, seed: int | None = 0) -> list[AttackRecord]:
     """Run a built ``textattack.Attack`` on each example, one at a time; one record per example.
 
     ``adapter``: the victim (the adapter ``attack`` was built on). ``examples``: dicts holding the
@@ -369,6 +391,10 @@ def run_textattack(adapter, examples: list[dict], attack, store: ResultStore | N
     in the recorded field, ``words_total`` its word count (TextAttack's word splitting), ``seconds``
     the wall time of this example. Raises ``RuntimeError`` if the attack needs a resource it cannot
     load (e.g. NLTK's POS tagger offline), since every example would fail the same way.
+
+    ``seed``: example ``i`` runs with the global generators seeded to ``seed + i`` (states restored
+    after), so random attacks give the same record for an example whichever process or resumed run
+    attacks it; ``None`` leaves the generators alone.
     """
     from tqdm.auto import tqdm
 
@@ -391,7 +417,8 @@ def run_textattack(adapter, examples: list[dict], attack, store: ResultStore | N
             else:
                 payload = OrderedDict((f, ex[f]) for f in fields)
                 try:
-                    result = attack.attack(payload if len(fields) > 1 else ex[fields[0]], int(ex["label"]))
+                    with seeded(seed + i) if seed is not None else contextlib.nullcontext():
+                        result = attack.attack(payload if len(fields) > 1 else ex[fields[0]], int(ex["label"]))
                 except _RESOURCE_ERRORS as err:
                     raise _offline_error(f"the TextAttack attack (example {i})", err) from err
                 except Exception as err:  # noqa: BLE001 - one bad example must not end the run
