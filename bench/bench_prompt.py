@@ -56,13 +56,36 @@ HELDOUT = REPO.parent / "shared" / "data" / "sst2" / "heldout.tsv"
 
 
 def ensure_run(recipe: Path, name: str, overrides: list[str]) -> Path:
-    """``runs/<name>`` trained from ``recipe`` with ``overrides`` (reused if finished)."""
+    """``runs/<name>`` trained from ``recipe`` with ``overrides`` (reused if finished; a run whose
+    training finished but whose evaluation did not is evaluated, not retrained)."""
     run = REPO / "runs" / name
+    if (run / "model.safetensors").exists() and (run / "recipe.yaml").exists() and not (run / "metrics.json").exists():
+        evaluate_saved(run)
     if not ((run / "model.safetensors").exists() and (run / "metrics.json").exists()):
         cmd = [sys.executable, "-m", "unirobust.cli", "run", str(recipe), f"name={name}", *overrides]
         print("training:", " ".join(cmd[2:]), flush=True)
         subprocess.run(cmd, cwd=REPO, check=True)
     return run
+
+
+def evaluate_saved(run: Path) -> None:
+    """Write ``metrics.json`` of a run whose weights are saved but whose evaluation never finished:
+    the recipe's evaluation on the saved weights; training seconds unknown (null)."""
+    from unirobust.evaluate import evaluate
+    from unirobust.report import atomic_write
+    from unirobust.runs import build_attacks, first_examples, load_run
+    from unirobust.tasks import load_task
+    from unirobust.train import make_accelerator
+
+    print(f"evaluating the saved weights of {run.name} (its evaluation did not finish)", flush=True)
+    recipe, adapter = load_run(run)
+    task = recipe.resolved_task
+    data = first_examples(load_task(task, seed=recipe.seed).split(recipe.eval.split), recipe.eval.max_examples)
+    ev = evaluate(adapter, data, build_attacks(recipe.eval.attacks, task.threat), make_accelerator(recipe),
+                  recipe.eval.batch_size, task.labels, threat=task.threat, check_examples=recipe.eval.check_examples,
+                  out_dir=run, desc=f"eval {run.name}")
+    atomic_write(run / "metrics.json", json.dumps({"name": recipe.name, "seed": recipe.seed, "eval": ev,
+                                                   "train": {"seconds": None}}, indent=2))
 
 
 def heldout_examples(n: int, min_words: int = 10) -> list[dict]:

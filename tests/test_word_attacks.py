@@ -466,6 +466,34 @@ def test_discrete_at_trains_on_adversarial_examples(tokenizer):
     assert build_defense({"name": "discrete-at"}).attack.wir == "gradient"  # a2t by default
 
 
+def test_discrete_at_builds_word_vectors_once(make_text_adapter, monkeypatch):
+    """The neighbour space of the training attack is built at the first batch and kept while the
+    model trains (rebuilt after every update, counter-fitting made each A2T step ~5x slower); an attack
+    used on its own still follows the model's current embeddings."""
+    from unirobust.attacks import build_attack
+    from unirobust.attacks.text import sources
+    from unirobust.defenses import build_defense
+
+    built = []
+    real = sources.WordVectors
+    monkeypatch.setattr(sources, "WordVectors", lambda *a, **k: built.append(1) or real(*a, **k))
+    adapter = make_text_adapter()
+    spec = {"name": "a2t", "counterfit": False, "sentence_sim": None}
+    defense = build_defense({"name": "discrete-at", "attack": spec, "fraction": 1.0})
+    optimizer = torch.optim.SGD(adapter.parameters(), lr=0.5)
+    batch = adapter.collate(NEGATIVE)
+    for _ in range(3):
+        defense.loss(adapter, batch)["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert len(built) == 1
+    standalone = build_attack(spec)
+    before = standalone.vectors(adapter)
+    defense.loss(adapter, batch)["loss"].backward()
+    optimizer.step()
+    assert standalone.vectors(adapter) is not before and len(built) == 3
+
+
 @pytest.fixture
 def tiny_text_run(tmp_path, tokenizer):
     """A trained-for-a-few-steps tiny BERT run folder on the bundled SST-2 sample, whose recipe

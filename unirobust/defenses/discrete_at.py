@@ -8,7 +8,9 @@ successful adversarial texts join the batch with their original labels:
     loss = (sum_clean CE + adv_weight * sum_adv CE) / (B + adv_weight * n_adv)
 
 Departures: A2T attacks a sample of the training set once per epoch after clean warm-up epochs;
-here the attack runs per batch on the current model (fresher examples, no separate pass). The
+here the attack runs per batch on the current model (fresher examples, no separate pass), while
+its word vectors (neighbours, cosine constraint) are those of the model at the first batch, fixed for
+the run as A2T's counter-fitted GloVe vectors are. The
 batch's texts are recovered by decoding its token ids (lower-cased for uncased tokenizers, exactly
 what the model saw). The attack runs on the unwrapped model in eval mode; text models only.
 """
@@ -51,6 +53,9 @@ class DiscreteAT:
     attack_kind: ClassVar[str] = "word"
     default_attack: ClassVar[dict] = {"name": "a2t"}
 
+    def __post_init__(self):
+        self._vectors_pinned = False
+
     def loss(self, model, batch: dict) -> dict:
         from ..attacks.text.attack import attack_examples
 
@@ -60,6 +65,9 @@ class DiscreteAT:
         per = F.cross_entropy(logits, batch["labels"], reduction="none")
         rows = list(range(max(1, round(self.fraction * len(per)))))
         examples = decode_examples(adapter, batch, rows)
+        if not self._vectors_pinned and (self.attack.source == "embedding" or self.attack.min_cos is not None):
+            self.attack.pin_vectors(adapter)  # once, at the first batch: not rebuilt after every update
+            self._vectors_pinned = True
         with eval_mode(adapter):
             records, _ = attack_examples(adapter, examples, self.attack, progress=False)
         adversarial = [{**examples[r.index], r.field: r.adversarial} for r in records if r.status == "success"]

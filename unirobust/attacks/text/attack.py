@@ -67,6 +67,15 @@ class WordAttack:
             from .sources import NO_MASKED_LM
 
             raise ValueError(NO_MASKED_LM)
+        self._pinned_vectors = None
+
+    def pin_vectors(self, adapter) -> None:
+        """Freeze the word vectors (neighbours and cosine constraint) at ``adapter``'s current input
+        embeddings for every later call, even after the model trains on. Attack-augmented training
+        uses this: A2T's candidate space is a fixed set of counter-fitted vectors, and rebuilding it
+        after every optimizer step (counter-fitting takes ~30 s) would dominate the step."""
+        self._pinned_vectors = None
+        self._pinned_vectors = self.vectors(adapter)
 
     # ------------------------------------------------------------------ building the parts
 
@@ -83,8 +92,12 @@ class WordAttack:
                                            self.min_cos if self.min_cos is not None else -1.0, self.antonyms)
 
     def vectors(self, adapter):
-        """Whole-word vectors of the victim's input embeddings (counter-fitted if asked), cached."""
+        """Whole-word vectors of the victim's input embeddings (counter-fitted if asked), cached per
+        embedding version; the pinned ones after :meth:`pin_vectors`."""
         from .sources import WordVectors
+
+        if self._pinned_vectors is not None:
+            return self._pinned_vectors
 
         weight = adapter.model.get_input_embeddings().weight
         key = (id(weight), weight._version, self.counterfit)
