@@ -170,7 +170,7 @@ def table(rows: list[dict], n: int, n_adv: int) -> str:
         lines.append(f"| {r['method']} | {pct(r['clean_accuracy'])} | {pct(r['pgd_accuracy'])} | "
                      f"{pct(r['pwws']['accuracy_under_attack'])} | {pct(r['textfooler']['accuracy_under_attack'])} | "
                      f"{pct(r['advglue']['accuracy'])} | {pct(r['mean_robust_accuracy'])} | {r['epochs']} | "
-                     f"{r['train_seconds']:.0f} |")
+                     f"{'—' if r['train_seconds'] is None else format(r['train_seconds'], '.0f')} |")
     return "\n".join(lines)
 
 
