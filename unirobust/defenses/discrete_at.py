@@ -53,9 +53,6 @@ class DiscreteAT:
     attack_kind: ClassVar[str] = "word"
     default_attack: ClassVar[dict] = {"name": "a2t"}
 
-    def __post_init__(self):
-        self._vectors_pinned = False
-
     def loss(self, model, batch: dict) -> dict:
         from ..attacks.text.attack import attack_examples
 
@@ -65,9 +62,7 @@ class DiscreteAT:
         per = F.cross_entropy(logits, batch["labels"], reduction="none")
         rows = list(range(max(1, round(self.fraction * len(per)))))
         examples = decode_examples(adapter, batch, rows)
-        if not self._vectors_pinned and (self.attack.source == "embedding" or self.attack.min_cos is not None):
-            self.attack.pin_vectors(adapter)  # once, at the first batch: not rebuilt after every update
-            self._vectors_pinned = True
+        self.attack.pin_vectors(adapter)  # word vectors of the first batch's model, kept for the run
         with eval_mode(adapter):
             records, _ = attack_examples(adapter, examples, self.attack, progress=False)
         adversarial = [{**examples[r.index], r.field: r.adversarial} for r in records if r.status == "success"]

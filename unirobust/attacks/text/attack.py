@@ -70,12 +70,13 @@ class WordAttack:
         self._pinned_vectors = None
 
     def pin_vectors(self, adapter) -> None:
-        """Freeze the word vectors (neighbours and cosine constraint) at ``adapter``'s current input
-        embeddings for every later call, even after the model trains on. Attack-augmented training
-        uses this: A2T's candidate space is a fixed set of counter-fitted vectors, and rebuilding it
-        after every optimizer step (counter-fitting takes ~30 s) would dominate the step."""
-        self._pinned_vectors = None
-        self._pinned_vectors = self.vectors(adapter)
+        """On the first call, freeze the word vectors (neighbours and cosine constraint) at
+        ``adapter``'s current input embeddings for every later use, even after the model trains on;
+        later calls change nothing. Attack-augmented training calls it every batch: A2T's candidate
+        space is a fixed set of counter-fitted vectors, and rebuilding it after every optimizer step
+        (counter-fitting takes ~30 s) would dominate the step."""
+        if self._pinned_vectors is None and (self.source == "embedding" or self.min_cos is not None):
+            self._pinned_vectors = self.vectors(adapter)
 
     # ------------------------------------------------------------------ building the parts
 
