@@ -43,7 +43,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_result  # noqa: E402
+from common import RESULTS, evaluate_saved_weights, write_result  # noqa: E402
 
 from unirobust.compat import ensure_torchvision  # noqa: E402
 
@@ -71,20 +71,12 @@ def ensure_run(recipe: Path, name: str, overrides: list[str]) -> Path:
 def evaluate_saved(run: Path) -> None:
     """Write ``metrics.json`` of a run whose weights are saved but whose evaluation never finished:
     the recipe's evaluation on the saved weights; training seconds unknown (null)."""
-    from unirobust.evaluate import evaluate
     from unirobust.report import atomic_write
-    from unirobust.runs import build_attacks, first_examples, load_run
-    from unirobust.tasks import load_task
-    from unirobust.train import make_accelerator
 
     print(f"evaluating the saved weights of {run.name} (its evaluation did not finish)", flush=True)
-    recipe, adapter = load_run(run)
-    task = recipe.resolved_task
-    data = first_examples(load_task(task, seed=recipe.seed).split(recipe.eval.split), recipe.eval.max_examples)
-    ev = evaluate(adapter, data, build_attacks(recipe.eval.attacks, task.threat), make_accelerator(recipe),
-                  recipe.eval.batch_size, task.labels, threat=task.threat, check_examples=recipe.eval.check_examples,
-                  out_dir=run, desc=f"eval {run.name}")
-    atomic_write(run / "metrics.json", json.dumps({"name": recipe.name, "seed": recipe.seed, "eval": ev,
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    atomic_write(run / "metrics.json", json.dumps({"name": recipe["name"], "seed": recipe["seed"],
+                                                   "eval": evaluate_saved_weights(run),
                                                    "train": {"seconds": None}}, indent=2))
 
 

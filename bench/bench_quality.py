@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_result  # noqa: E402
+from common import RESULTS, evaluate_saved_weights, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = {
@@ -50,18 +50,7 @@ def recipe_for(suite: str, defense: str) -> tuple[Path, list[str]]:
 
 def reevaluate(recipe, run_dir: Path) -> dict:
     """The run's saved metrics with ``eval`` redone on its saved weights under ``recipe``'s eval settings."""
-    from unirobust.evaluate import evaluate
-    from unirobust.runs import build_attacks, first_examples, load_run
-    from unirobust.tasks import load_task
-    from unirobust.train import make_accelerator
-
-    _, adapter = load_run(run_dir)
-    task = recipe.resolved_task
-    data = first_examples(load_task(task, seed=recipe.seed).split(recipe.eval.split), recipe.eval.max_examples)
-    ev = evaluate(adapter, data, build_attacks(recipe.eval.attacks, task.threat), make_accelerator(recipe),
-                  recipe.eval.batch_size, task.labels, threat=task.threat, check_examples=recipe.eval.check_examples,
-                  out_dir=run_dir)
-    return {**json.loads((run_dir / "metrics.json").read_text()), "eval": ev}
+    return {**json.loads((run_dir / "metrics.json").read_text()), "eval": evaluate_saved_weights(run_dir, recipe)}
 
 
 def recipe_overrides(args, defense: str, out_dir: Path):

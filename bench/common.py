@@ -26,6 +26,23 @@ def write_result(name: str, payload: dict) -> Path:
     return path
 
 
+def evaluate_saved_weights(run_dir: Path, recipe=None) -> dict:
+    """The evaluation (``evaluate``'s metrics) of a run folder's saved weights under ``recipe``'s eval
+    settings (default: the run's own recipe); per-attack files go to ``run_dir``."""
+    from unirobust.evaluate import evaluate
+    from unirobust.runs import build_attacks, first_examples, load_run
+    from unirobust.tasks import load_task
+    from unirobust.train import make_accelerator
+
+    own, adapter = load_run(run_dir)
+    recipe = recipe or own
+    task = recipe.resolved_task
+    data = first_examples(load_task(task, seed=recipe.seed).split(recipe.eval.split), recipe.eval.max_examples)
+    return evaluate(adapter, data, build_attacks(recipe.eval.attacks, task.threat), make_accelerator(recipe),
+                    recipe.eval.batch_size, task.labels, threat=task.threat, check_examples=recipe.eval.check_examples,
+                    out_dir=run_dir, desc=f"eval {Path(run_dir).name}")
+
+
 def timed(fn, repeats: int, warmup: int = 1) -> float:
     """Median seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
     for _ in range(warmup):
