@@ -1,6 +1,6 @@
 """Word-substitution attacks: unirobust's engine against TextAttack on the same victim and examples (issue 6).
 
-    python bench/bench_word_attacks.py [--run runs/sst2_minilm_victim] [--n 100] [--hf64]
+    python bench/bench_word_attacks.py [--run runs/sst2_minilm_victim] [--n 100] [--hf64] [--onnx]
         [--attacks pwws,deepwordbug,textfooler-like,...] [--side textattack|unirobust|both] [--threads N]
 
 The victim is a finished run folder (default: ``unirobust run recipes/bench/sst2_minilm_victim.yaml``,
@@ -32,7 +32,9 @@ unirobust-only rows: ``pwws-fast`` / ``deepwordbug-fast`` (``wir: gradient``: on
 instead of one query per word), ``deepwordbug-probe`` (``wir: candidate``: each word ranked by its
 own first candidate) and ``textfooler`` (the offline TextFooler: counter-fitted embeddings, WordNet
 POS; TextAttack's own recipe needs downloads). ``--procs 1,2`` adds rows ``unirobust-2proc``: the
-examples sharded over two processes of one thread each. Counter-fitting (once per model,
+examples sharded over two processes of one thread each; ``--onnx`` adds rows ``unirobust-onnx``: the
+engine with ``backend: onnx`` (victim queries through an ONNX Runtime copy of the same model; the
+export counts as setup). Counter-fitting (once per model,
 cached) and loading the sentence encoder count as setup on both sides, not attack time.
 
 Per side it prints examples/s, seconds/example, queries/example (over attacked examples), attack
@@ -269,13 +271,17 @@ def unirobust_engine():
     return build_attack, attack_examples
 
 
-def prepared_attack(name: str, adapter, engine):
+def prepared_attack(name: str, adapter, engine, backend: str = "torch"):
     """The unirobust attack of row ``name`` with its setup done: counter-fitting (once per model,
-    cached on disk) and loading the sentence encoder are setup, not attack time (as on the TextAttack
-    side). Returns (attack, setup seconds)."""
+    cached on disk), loading the sentence encoder and exporting the ONNX copy (``backend="onnx"``)
+    are setup, not attack time (as on the TextAttack side). Returns (attack, setup seconds)."""
     build_attack, _ = engine
     t = time.perf_counter()
-    attack = build_attack(dict(UNIROBUST_SPECS[name]))
+    attack = build_attack({**UNIROBUST_SPECS[name], "backend": backend})
+    if backend == "onnx":
+        from unirobust.models.onnx_forward import onnx_forward
+
+        onnx_forward(adapter)
     if attack.source == "embedding" or attack.min_cos is not None:
         attack.vectors(adapter)
     if attack.sentence_sim is not None:
@@ -285,8 +291,8 @@ def prepared_attack(name: str, adapter, engine):
     return attack, time.perf_counter() - t
 
 
-def run_unirobust_side(name: str, adapter, examples: list[dict], engine):
-    attack, setup = prepared_attack(name, adapter, engine)
+def run_unirobust_side(name: str, adapter, examples: list[dict], engine, backend: str = "torch"):
+    attack, setup = prepared_attack(name, adapter, engine, backend)
     start = time.perf_counter()
     records, stats = engine[1](adapter, examples, attack, store=None, progress=True)
     wall = time.perf_counter() - start
@@ -395,6 +401,32 @@ def print_table(rows: list[dict]) -> None:
               f"{r['successes_verified']}/{r['n_success']} |")
 
 
+def speedups(rows: list[dict]) -> dict:
+    """Per attack and unirobust side: examples/s as a ratio to each TextAttack side of the same run,
+    success-rate difference in points, and the issue's targets (>= 2x TextAttack's examples/s against
+    its tuned HuggingFaceModelWrapper, success no more than 3 points below, >= 80% of the time in
+    model forward passes)."""
+    out = {}
+    for name in dict.fromkeys(r["attack"] for r in rows):
+        sides = {r["side"]: r for r in rows if r["attack"] == name}
+        for side, r in sides.items():
+            if not side.startswith("unirobust"):
+                continue
+            entry = {}
+            for base in ("textattack", TEXTATTACK_HF64):
+                if base in sides:
+                    b = sides[base]
+                    entry[f"vs_{base}"] = r["examples_per_second"] / b["examples_per_second"]
+                    entry[f"success_points_vs_{base}"] = 100 * (r["success_rate"] - b["success_rate"])
+            if f"vs_{TEXTATTACK_HF64}" in entry:
+                entry["target_met"] = (entry[f"vs_{TEXTATTACK_HF64}"] >= 2.0
+                                       and entry[f"success_points_vs_{TEXTATTACK_HF64}"] >= -3.0
+                                       and (r.get("model_fraction") or 0) >= 0.8)
+            if entry:
+                out[f"{name} / {side}"] = entry
+    return out
+
+
 def agreement(rows: list[dict]) -> dict:
     """Per attack with both sides: fraction of examples where the two sides end with the same status."""
     out = {}
@@ -418,6 +450,8 @@ def main(argv=None) -> int:
     p.add_argument("--hf64", action="store_true", help="also run TextAttack through its own "
                    "HuggingFaceModelWrapper padding every query to 64 tokens (the issue's baseline; rows "
                    f"'{TEXTATTACK_HF64}')")
+    p.add_argument("--onnx", action="store_true", help="also run unirobust's engine with backend: onnx "
+                   "(ONNX Runtime copy of the victim; rows 'unirobust-onnx')")
     p.add_argument("--records", default=None, help="folder for per-example records (<attack>-<side>.jsonl)")
     p.add_argument("--name", default="word_attacks", help="results file bench/results/<name>.json")
     args = p.parse_args(argv)
@@ -438,7 +472,7 @@ def main(argv=None) -> int:
     if args.hf64 and "textattack" in sides:
         sides.insert(sides.index("textattack") + 1, TEXTATTACK_HF64)
     if "unirobust" in sides:
-        sides[sides.index("unirobust"):] = [side_name(k) for k in procs]
+        sides[sides.index("unirobust"):] = [side_name(k) for k in procs] + (["unirobust-onnx"] if args.onnx else [])
     engine = unirobust_engine() if any(s.startswith("unirobust") for s in sides) else None
     if any(s.startswith("textattack") for s in sides):
         from unirobust.offline import ensure_textattack_ready
@@ -468,6 +502,8 @@ def main(argv=None) -> int:
                 records, stats = run_textattack_side(name, adapter, examples, wrapper_kind="hf64")
             elif side == "unirobust":
                 records, stats = run_unirobust_side(name, adapter, examples, engine)
+            elif side == "unirobust-onnx":
+                records, stats = run_unirobust_side(name, adapter, examples, engine, backend="onnx")
             else:
                 records, stats = run_unirobust_sharded(name, run_path, examples, int(side.split("-")[1][:-4]))
             row = row_of(name, side, adapter, examples, records, stats)
@@ -491,6 +527,14 @@ def main(argv=None) -> int:
     rows.sort(key=lambda r: (order.get(r["attack"], 99), not r["side"].startswith("textattack"), r["side"]))
     print("\nall rows:")
     print_table(rows)
+    ratios = speedups(rows)
+    if ratios:
+        print("\nunirobust examples/s as a ratio to TextAttack's (success-rate difference in points):")
+        for key, e in ratios.items():
+            parts = [f"{e[f'vs_{b}']:.2f}x vs {b} ({e[f'success_points_vs_{b}']:+.0f})"
+                     for b in ("textattack", TEXTATTACK_HF64) if f"vs_{b}" in e]
+            met = "" if "target_met" not in e else ("  target met" if e["target_met"] else "  TARGET MISSED")
+            print(f"  {key}: {', '.join(parts)}{met}")
     agree = agreement(rows)
     if agree:
         print("\nsame final status on both sides: " + ", ".join(f"{k} {v:.0%}" for k, v in sorted(agree.items())))
@@ -502,6 +546,7 @@ def main(argv=None) -> int:
         "victim": {"run": str(run), "model": recipe.model.spec, "dev_accuracy": acc, "n_dev": len(dev)},
         "reference_textattack": REFERENCE,
         "results": rows,
+        "speedups": ratios,
         "status_agreement": agree,
     })
     print(f"results: {path}")
