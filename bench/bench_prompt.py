@@ -1,6 +1,7 @@
 """MLP-FT vs MVP vs MVP+Adv on SST-2 with MiniLM, under word substitutions and an AdvGLUE-style set (issue 4).
 
     python bench/bench_prompt.py [--epochs 2] [--n 200] [--advgen-n 400] [--advgen-attack deepwordbug]
+        [--rows mlp,mvp,...] [--seeds 0,1,2]
 
 Four recipes, same model (all-MiniLM-L6-v2, offline), data (the 4,000 bundled SST-2 training
 sentences), optimiser and budget (``--epochs``):
@@ -11,8 +12,9 @@ sentences), optimiser and budget (``--epochs``):
   verbalizer words per class (scores averaged), checked against the MVP target on its own;
 - ``mvp_adv``: ``recipes/prompt/sst2_minilm_mvp_adv.yaml``, MVP with embedding PGD-AT (MVP+Adv).
 
-Each is trained once into ``runs/bench_prompt_<row>/`` (reused when it exists, whatever its
-epochs: the table says how many each row had). Per row: clean
+Each is trained once per seed into ``runs/bench_prompt_<row>/`` (seed 0) or
+``runs/bench_prompt_<row>_seed<s>/`` (reused when it exists, whatever its epochs: the table says how
+many each row had); the seed sets the head's initialisation and the data order. Per row: clean
 accuracy on the 872 GLUE dev sentences (and the recipe's embedding-PGD robust accuracy), accuracy
 under ``pwws`` and ``textfooler`` (unirobust's offline recipes) on the same first ``--n`` dev
 sentences, and accuracy on an AdvGLUE-style set. That set is built once with ``unirobust``'s
@@ -24,7 +26,9 @@ flipped, <= 15% of words changed, sentence similarity >= 0.85). So all three row
 examples, as models evaluated on AdvGLUE do.
 
 Target (issue 4): MVP at least 5 points more robust than MLP-FT (mean of the word-attack and
-AdvGLUE-style accuracies) at no more than 1.5 points clean loss; MVP+Adv above MLP-FT and MVP.
+AdvGLUE-style accuracies) at no more than 1.5 points clean loss; MVP+Adv above MLP-FT and MVP. With
+several seeds, the targets compare each row's mean over the seeds both rows have (one seed moves a
+row's robust accuracy by a few points: 200 attacked sentences, 98 AdvGLUE-style ones).
 Results: ``bench/results/prompt.json``; word-attack records stay in ``runs/bench_prompt_<row>/attacks/``
 (resumable).
 """
@@ -124,14 +128,18 @@ def word_attack(run: Path, adapter, examples: list[dict], name: str) -> dict:
     return {**summary, "wall_seconds": time.perf_counter() - began}
 
 
-def measure_row(row: str, run: Path, dev_examples: list[dict], advglue_path: Path) -> dict:
+def run_name(row: str, seed: int) -> str:
+    return f"bench_prompt_{row}" if seed == 0 else f"bench_prompt_{row}_seed{seed}"
+
+
+def measure_row(row: str, seed: int, run: Path, dev_examples: list[dict], advglue_path: Path) -> dict:
     from unirobust.advglue import evaluate_advglue
     from unirobust.runs import load_run
 
     metrics = json.loads((run / "metrics.json").read_text())
     recipe, adapter = load_run(run)
     adapter.eval()
-    out = {"row": row, "method": ROWS[row], "run": str(run.relative_to(REPO)),
+    out = {"row": row, "seed": seed, "method": ROWS[row], "run": str(run.relative_to(REPO)),
            "clean_accuracy": metrics["eval"]["clean_accuracy"], "n_dev": metrics["eval"].get("n"),
            "pgd_accuracy": metrics["eval"].get("robust_accuracy"),
            "train_seconds": metrics.get("train", {}).get("seconds"), "epochs": recipe.train.epochs,
@@ -156,31 +164,58 @@ def pct(x) -> str:
 
 
 def table(rows: list[dict], n: int, n_adv: int) -> str:
-    lines = [f"| method | clean (872 dev) | embedding PGD | pwws (n={n}) | textfooler (n={n}) | "
-             f"AdvGLUE-style (n={n_adv}) | mean robust | epochs | train s |", "|---|---|---|---|---|---|---|---|---|"]
+    """Markdown table: one line per (row, seed), then each row's mean over its seeds if it has several."""
+    lines = [f"| method | seed | clean (872 dev) | embedding PGD | pwws (n={n}) | textfooler (n={n}) | "
+             f"AdvGLUE-style (n={n_adv}) | mean robust | epochs | train s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {pct(r['clean_accuracy'])} | {pct(r['pgd_accuracy'])} | "
+        lines.append(f"| {r['method']} | {r.get('seed', 0)} | {pct(r['clean_accuracy'])} | {pct(r['pgd_accuracy'])} | "
                      f"{pct(r['pwws']['accuracy_under_attack'])} | {pct(r['textfooler']['accuracy_under_attack'])} | "
                      f"{pct(r['advglue']['accuracy'])} | {pct(r['mean_robust_accuracy'])} | {r['epochs']} | "
                      f"{'—' if r['train_seconds'] is None else format(r['train_seconds'], '.0f')} |")
+    for row in dict.fromkeys(r["row"] for r in rows):
+        group = [r for r in rows if r["row"] == row]
+        if len(group) > 1:
+            mean = lambda f: sum(f(r) for r in group) / len(group)  # noqa: E731
+            lines.append(f"| **{group[0]['method']}, mean** | {len(group)} seeds | {pct(mean(lambda r: r['clean_accuracy']))} | "
+                         f"{pct(mean(lambda r: r['pgd_accuracy'] or 0))} | "
+                         f"{pct(mean(lambda r: r['pwws']['accuracy_under_attack']))} | "
+                         f"{pct(mean(lambda r: r['textfooler']['accuracy_under_attack']))} | "
+                         f"{pct(mean(lambda r: r['advglue']['accuracy']))} | "
+                         f"**{pct(mean(lambda r: r['mean_robust_accuracy']))}** | | |")
     return "\n".join(lines)
 
 
-def targets(by: dict) -> dict:
-    """Per MVP variant: robust gain over MLP-FT and clean loss (target: >= 5 points at <= 1.5 points);
-    MVP+Adv above MLP-FT and every MVP variant."""
-    mlp, adv = by.get("mlp"), by.get("mvp_adv")
+def seed_means(results: list[dict], row: str, seeds: set[int]) -> dict | None:
+    """Mean clean and mean robust accuracy of ``row`` over ``seeds`` (None if a seed is missing)."""
+    picked = [r for r in results if r["row"] == row and r.get("seed", 0) in seeds]
+    if not seeds or len(picked) != len(seeds):
+        return None
+    return {k: sum(r[k] for r in picked) / len(picked) for k in ("clean_accuracy", "mean_robust_accuracy")}
+
+
+def seeds_of(results: list[dict], row: str) -> set[int]:
+    return {r.get("seed", 0) for r in results if r["row"] == row}
+
+
+def targets(results: list[dict]) -> dict:
+    """Per MVP variant: robust gain over MLP-FT and clean loss (target: >= 5 points at <= 1.5 points),
+    on the means over the seeds both rows have; MVP+Adv above MLP-FT and every MVP variant."""
     out = {}
     for row in MVP_ROWS:
-        mvp = by.get(row)
+        common = seeds_of(results, "mlp") & seeds_of(results, row)
+        mlp, mvp = seed_means(results, "mlp", common), seed_means(results, row, common)
         if mlp and mvp:
             gain = mvp["mean_robust_accuracy"] - mlp["mean_robust_accuracy"]
             loss = mlp["clean_accuracy"] - mvp["clean_accuracy"]
+            out[f"{row}_seeds"] = sorted(common)
             out[f"{row}_robust_gain_points"] = 100 * gain
             out[f"{row}_clean_loss_points"] = 100 * loss
             out[f"{row}_target_met"] = gain >= 0.05 and loss <= 0.015
-    variants = [by[r] for r in MVP_ROWS if r in by]
+    common = seeds_of(results, "mvp_adv") & seeds_of(results, "mlp")
+    variants = [m for m in (seed_means(results, r, common) for r in MVP_ROWS) if m]
+    adv, mlp = seed_means(results, "mvp_adv", common), seed_means(results, "mlp", common)
     if adv and mlp and variants:
+        out["mvp_adv_seeds"] = sorted(common)
         out["mvp_adv_above_both"] = adv["mean_robust_accuracy"] > max(r["mean_robust_accuracy"] for r in [mlp, *variants])
     return out
 
@@ -194,6 +229,7 @@ def main(argv=None) -> int:
     p.add_argument("--surrogate", default=str(REPO / "runs" / "sst2_minilm_victim"),
                    help="run the AdvGLUE-style set is generated against (trained from recipes/bench if missing)")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
+    p.add_argument("--seeds", default="0", help="comma-separated training seeds of every row (0: runs/bench_prompt_<row>)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s: %(message)s")
     ensure_torchvision()
@@ -203,8 +239,9 @@ def main(argv=None) -> int:
     if args.advgen_attack in WORD_ATTACKS:
         p.error(f"--advgen-attack must differ from the evaluated attacks ({', '.join(WORD_ATTACKS)})")
 
-    runs = {r: ensure_run(REPO / "recipes" / "prompt" / f"sst2_minilm_{r}.yaml", f"bench_prompt_{r}",
-                          [f"train.epochs={args.epochs}"]) for r in rows}
+    seeds = sorted({int(x) for x in args.seeds.split(",") if x.strip()})
+    runs = {(r, s): ensure_run(REPO / "recipes" / "prompt" / f"sst2_minilm_{r}.yaml", run_name(r, s),
+                               [f"train.epochs={args.epochs}", f"seed={s}"]) for r in rows for s in seeds}
     surrogate = Path(args.surrogate)
     if not (surrogate / "model.safetensors").exists():
         surrogate = ensure_run(REPO / "recipes" / "bench" / "sst2_minilm_victim.yaml", surrogate.name, [])
@@ -218,22 +255,21 @@ def main(argv=None) -> int:
     recipe, _ = load_run(next(iter(runs.values())))
     dev = load_task(recipe.resolved_task, seed=recipe.seed).test
     dev_examples = [{"sentence": dev[i]["sentence"], "label": int(dev[i]["label"])} for i in range(min(args.n, len(dev)))]
-    results = [measure_row(r, run, dev_examples, advglue_path) for r, run in runs.items()]
+    results = [measure_row(r, s, run, dev_examples, advglue_path) for (r, s), run in runs.items()]
     previous = RESULTS / "prompt.json"
     if previous.exists():  # keep rows not re-run, measured on the same sentences and AdvGLUE-style set
         old = json.loads(previous.read_text())
         if (old.get("config", {}).get("n_dev_attacked") == len(dev_examples)
                 and old.get("advglue_set", {}).get("path") == str(advglue_path.relative_to(REPO))):
-            kept = [r for r in old.get("results", []) if r["row"] not in runs]
+            kept = [r for r in old.get("results", []) if (r["row"], r.get("seed", 0)) not in runs]
             for r in kept:
                 if "epochs" not in r:  # rows written before the field existed
                     r["epochs"] = yaml.safe_load((REPO / r["run"] / "recipe.yaml").read_text())["train"]["epochs"]
             results = kept + results
-    results.sort(key=lambda r: list(ROWS).index(r["row"]))
-    by = {r["row"]: r for r in results}
+    results.sort(key=lambda r: (list(ROWS).index(r["row"]), r.get("seed", 0)))
     print()
     print(table(results, len(dev_examples), counts["kept"]))
-    verdict = targets(by)
+    verdict = targets(results)
     print("\n" + json.dumps(verdict, indent=1))
     path = write_result("prompt", {"config": {**vars(args), "n_dev_attacked": len(dev_examples)},
                                    "advglue_set": {"path": str(advglue_path.relative_to(REPO)), **{
