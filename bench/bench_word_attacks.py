@@ -1,6 +1,6 @@
 """Word-substitution attacks: unirobust's engine against TextAttack on the same victim and examples (issue 6).
 
-    python bench/bench_word_attacks.py [--run runs/sst2_minilm_victim] [--n 100] [--hf64] [--onnx]
+    python bench/bench_word_attacks.py [--run runs/sst2_minilm_victim] [--n 100] [--hf64]
         [--attacks pwws,deepwordbug,textfooler-like,...] [--side textattack|unirobust|both] [--threads N]
 
 The victim is a finished run folder (default: ``unirobust run recipes/bench/sst2_minilm_victim.yaml``,
@@ -32,9 +32,7 @@ unirobust-only rows: ``pwws-fast`` / ``deepwordbug-fast`` (``wir: gradient``: on
 instead of one query per word), ``deepwordbug-probe`` (``wir: candidate``: each word ranked by its
 own first candidate) and ``textfooler`` (the offline TextFooler: counter-fitted embeddings, WordNet
 POS; TextAttack's own recipe needs downloads). ``--procs 1,2`` adds rows ``unirobust-2proc``: the
-examples sharded over two processes of one thread each; ``--onnx`` adds rows ``unirobust-onnx``: the
-engine with ``backend: onnx`` (victim queries through an ONNX Runtime copy of the same model; the
-export counts as setup). Counter-fitting (once per model,
+examples sharded over two processes of one thread each. Counter-fitting (once per model,
 cached) and loading the sentence encoder count as setup on both sides, not attack time.
 
 Per side it prints examples/s, seconds/example, queries/example (over attacked examples), attack
@@ -271,17 +269,13 @@ def unirobust_engine():
     return build_attack, attack_examples
 
 
-def prepared_attack(name: str, adapter, engine, backend: str = "torch"):
+def prepared_attack(name: str, adapter, engine):
     """The unirobust attack of row ``name`` with its setup done: counter-fitting (once per model,
-    cached on disk), loading the sentence encoder and exporting the ONNX copy (``backend="onnx"``)
-    are setup, not attack time (as on the TextAttack side). Returns (attack, setup seconds)."""
+    cached on disk) and loading the sentence encoder are setup, not attack time (as on the TextAttack
+    side). Returns (attack, setup seconds)."""
     build_attack, _ = engine
     t = time.perf_counter()
-    attack = build_attack({**UNIROBUST_SPECS[name], "backend": backend})
-    if backend == "onnx":
-        from unirobust.models.onnx_forward import onnx_forward
-
-        onnx_forward(adapter)
+    attack = build_attack(dict(UNIROBUST_SPECS[name]))
     if attack.source == "embedding" or attack.min_cos is not None:
         attack.vectors(adapter)
     if attack.sentence_sim is not None:
@@ -291,8 +285,8 @@ def prepared_attack(name: str, adapter, engine, backend: str = "torch"):
     return attack, time.perf_counter() - t
 
 
-def run_unirobust_side(name: str, adapter, examples: list[dict], engine, backend: str = "torch"):
-    attack, setup = prepared_attack(name, adapter, engine, backend)
+def run_unirobust_side(name: str, adapter, examples: list[dict], engine):
+    attack, setup = prepared_attack(name, adapter, engine)
     start = time.perf_counter()
     records, stats = engine[1](adapter, examples, attack, store=None, progress=True)
     wall = time.perf_counter() - start
@@ -450,8 +444,6 @@ def main(argv=None) -> int:
     p.add_argument("--hf64", action="store_true", help="also run TextAttack through its own "
                    "HuggingFaceModelWrapper padding every query to 64 tokens (the issue's baseline; rows "
                    f"'{TEXTATTACK_HF64}')")
-    p.add_argument("--onnx", action="store_true", help="also run unirobust's engine with backend: onnx "
-                   "(ONNX Runtime copy of the victim; rows 'unirobust-onnx')")
     p.add_argument("--records", default=None, help="folder for per-example records (<attack>-<side>.jsonl)")
     p.add_argument("--name", default="word_attacks", help="results file bench/results/<name>.json")
     args = p.parse_args(argv)
@@ -472,7 +464,7 @@ def main(argv=None) -> int:
     if args.hf64 and "textattack" in sides:
         sides.insert(sides.index("textattack") + 1, TEXTATTACK_HF64)
     if "unirobust" in sides:
-        sides[sides.index("unirobust"):] = [side_name(k) for k in procs] + (["unirobust-onnx"] if args.onnx else [])
+        sides[sides.index("unirobust"):] = [side_name(k) for k in procs]
     engine = unirobust_engine() if any(s.startswith("unirobust") for s in sides) else None
     if any(s.startswith("textattack") for s in sides):
         from unirobust.offline import ensure_textattack_ready
@@ -502,8 +494,6 @@ def main(argv=None) -> int:
                 records, stats = run_textattack_side(name, adapter, examples, wrapper_kind="hf64")
             elif side == "unirobust":
                 records, stats = run_unirobust_side(name, adapter, examples, engine)
-            elif side == "unirobust-onnx":
-                records, stats = run_unirobust_side(name, adapter, examples, engine, backend="onnx")
             else:
                 records, stats = run_unirobust_sharded(name, run_path, examples, int(side.split("-")[1][:-4]))
             row = row_of(name, side, adapter, examples, records, stats)

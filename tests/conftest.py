@@ -9,8 +9,6 @@ from unirobust.compat import ensure_torchvision
 
 ensure_torchvision()  # before anything imports timm / transformers (PyPI torchvision is a CUDA build)
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from torch import nn
@@ -205,37 +203,3 @@ def trained_cnn(digits_task, digits_train_batch, digits_test_batch):
     assert acc > 0.9, f"the tiny digits CNN did not train (test accuracy {acc:.2f})"
     return adapter
 
-
-# ----------------------------------------------------------------------------- keyword classifier
-
-KEYWORDS = ("bad", "awful", "dull")
-
-
-class KeywordNet(nn.Module):
-    """Logits (positive, negative) scored from a one-hot "keyword" feature of each token's embedding:
-    ``negative`` iff some real token is a keyword. Differentiable, so gradient ordering works."""
-
-    def __init__(self, tokenizer):
-        super().__init__()
-        vocab = tokenizer.get_vocab()
-        self.emb = nn.Embedding(len(vocab), 4)
-        with torch.no_grad():
-            self.emb.weight.normal_(0, 0.1)
-            self.emb.weight[:, 0] = 0
-            for w in KEYWORDS:
-                self.emb.weight[vocab[w], 0] = 1.0
-
-    def get_input_embeddings(self):
-        return self.emb
-
-    def forward(self, inputs_embeds, attention_mask=None, token_type_ids=None, **_):
-        mask = attention_mask.unsqueeze(-1).to(inputs_embeds.dtype)
-        hit = (inputs_embeds[..., :1] * mask).sum(1)  # B x 1: number of keywords
-        return SimpleNamespace(logits=torch.cat([1 - 4 * hit, 4 * hit - 1], dim=-1))
-
-
-@pytest.fixture
-def keyword_adapter(tokenizer):
-    from unirobust.models.text import TextAdapter
-
-    return TextAdapter(KeywordNet(tokenizer), tokenizer, 2, ["sentence"]).eval()

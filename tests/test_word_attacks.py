@@ -1,23 +1,56 @@
 """The word-substitution engine: sources, constraints, searches, results, resume, sharding, CLI.
 
-Most tests use the hand-made *keyword* classifier (``conftest.KeywordNet``): it says ``negative``
-exactly when the text holds one of a few keyword tokens, so the only way to flip it is to replace that keyword — the known flip
+Most tests use a hand-made *keyword* classifier: it says ``negative`` exactly when the text holds
+one of a few keyword tokens, so the only way to flip it is to replace that keyword — the known flip
 every search must find, and a model on which every constraint can be checked.
 """
 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
 from unirobust.attacks import build_attack
 from unirobust.attacks.text.attack import WordAttack, attack_examples, run_word_attack, stopword_set
 from unirobust.attacks.text.results import AttackRecord, ResultStore, read_jsonl, result_key, summarise
 from unirobust.attacks.text.words import WordText, levenshtein
 
-from conftest import KEYWORDS, KeywordNet
+KEYWORDS = ("bad", "awful", "dull")
+
+
+class KeywordNet(nn.Module):
+    """Logits (positive, negative) scored from a one-hot "keyword" feature of each token's embedding:
+    ``negative`` iff some real token is a keyword. Differentiable, so gradient ordering works."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        vocab = tokenizer.get_vocab()
+        self.emb = nn.Embedding(len(vocab), 4)
+        with torch.no_grad():
+            self.emb.weight.normal_(0, 0.1)
+            self.emb.weight[:, 0] = 0
+            for w in KEYWORDS:
+                self.emb.weight[vocab[w], 0] = 1.0
+
+    def get_input_embeddings(self):
+        return self.emb
+
+    def forward(self, inputs_embeds, attention_mask=None, token_type_ids=None, **_):
+        mask = attention_mask.unsqueeze(-1).to(inputs_embeds.dtype)
+        hit = (inputs_embeds[..., :1] * mask).sum(1)  # B x 1: number of keywords
+        return SimpleNamespace(logits=torch.cat([1 - 4 * hit, 4 * hit - 1], dim=-1))
+
+
+@pytest.fixture
+def keyword_adapter(tokenizer):
+    from unirobust.models.text import TextAdapter
+
+    return TextAdapter(KeywordNet(tokenizer), tokenizer, 2, ["sentence"]).eval()
+
 
 NEGATIVE = [
     {"sentence": "a bad movie with a good cast", "label": 1},

@@ -44,24 +44,12 @@ def model_device(adapter) -> torch.device:
 
 
 class Victim:
-    """Batched, length-bucketed, timed access to a text adapter's class probabilities and gradients.
+    """Batched, length-bucketed, timed access to a text adapter's class probabilities and gradients."""
 
-    ``backend="onnx"`` answers probability queries from an ONNX Runtime copy of the adapter
-    (:class:`~unirobust.models.onnx_forward.OnnxForward`: same logits, faster on CPU); gradients
-    always come from the adapter itself.
-    """
-
-    def __init__(self, adapter, batch_size: int = 64, backend: str = "torch"):
+    def __init__(self, adapter, batch_size: int = 32):
         self.adapter, self.batch_size = adapter, batch_size
         self.forward_seconds = 0.0
         self.forwards = 0
-        self.onnx = None
-        if backend == "onnx":
-            from ...models.onnx_forward import onnx_forward
-
-            self.onnx = onnx_forward(adapter)
-        elif backend != "torch":
-            raise ValueError(f"unknown backend {backend!r}: torch or onnx")
 
     def probs(self, inputs: Sequence) -> torch.Tensor:
         """N x C softmax probabilities of ``inputs`` (texts, or tuples of texts for pairs)."""
@@ -73,11 +61,8 @@ class Victim:
             rows = order[start:start + self.batch_size]
             batch = {k: v.to(device) for k, v in adapter.tokenize([inputs[k] for k in rows]).items()}
             began = time.perf_counter()
-            if self.onnx is not None:
-                logits = self.onnx(batch)
-            else:
-                with torch.inference_mode():
-                    logits = adapter.logits(adapter.embed(batch), batch)
+            with torch.inference_mode():
+                logits = adapter.logits(adapter.embed(batch), batch)
             self.forward_seconds += time.perf_counter() - began
             self.forwards += len(rows)
             out[rows] = F.softmax(logits.float(), dim=-1).cpu()
@@ -227,7 +212,7 @@ class Example:
 class Engine:
     """Runs one search generator per example, answering their needs in batches (module docstring)."""
 
-    def __init__(self, victim: Victim, handlers: dict[str, Callable[[list], list]], concurrency: int = 32):
+    def __init__(self, victim: Victim, handlers: dict[str, Callable[[list], list]], concurrency: int = 64):
         self.victim, self.handlers, self.concurrency = victim, dict(handlers), concurrency
         self.handlers["probs"] = self._probs
 
