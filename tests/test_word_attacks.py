@@ -377,6 +377,9 @@ def test_results_of_another_model_attack_or_example_list_are_redone(keyword_adap
     run_word_attack(keyword_adapter, examples, spec, out, progress=False)  # nothing left to do
     run_word_attack(keyword_adapter, NEGATIVE * 2, attack(source="chars", wir="unk", n=8), out, progress=False)
     assert seen == [[0, 1, 2], [], [3, 4, 5, 6, 7]]  # only the new examples: n is not part of the key
+    run_word_attack(keyword_adapter, NEGATIVE * 2, attack(source="chars", wir="unk", n=8, batch_size=3,
+                                                         concurrency=2), out, progress=False)
+    assert seen[-1] == []  # batching changes speed, not results: nothing is redone
     run_word_attack(keyword_adapter, examples, attack(source="chars", wir="unk", max_edit_distance=1), out,
                     progress=False)
     assert seen[-1] == [0, 1, 2]

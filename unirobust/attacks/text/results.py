@@ -111,10 +111,14 @@ def _label(example: dict) -> int | None:
         return None
 
 
+#: attack fields that records do not depend on: the example count (which may grow on resume) and the
+#: engine's batching (results are the same for any batch size or number of examples in flight)
+NOT_IN_KEY = ("n", "batch_size", "concurrency")
+
+
 def result_key(adapter, attack) -> str:
     """Fingerprint of what a result folder's records depend on: the model's weights (every parameter
-    and buffer, hashed) and the attack configuration (its fields except ``n``, the example count,
-    which may grow on resume)."""
+    and buffer, hashed) and the attack configuration (its fields except :data:`NOT_IN_KEY`)."""
     import dataclasses
     import hashlib
 
@@ -124,7 +128,7 @@ def result_key(adapter, attack) -> str:
     for name, t in [*adapter.named_parameters(), *adapter.named_buffers()]:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    config = {k: v for k, v in dataclasses.asdict(attack).items() if k != "n"} \
+    config = {k: v for k, v in dataclasses.asdict(attack).items() if k not in NOT_IN_KEY} \
         if dataclasses.is_dataclass(attack) else str(attack)
     h.update(json.dumps(config, sort_keys=True, default=str).encode())
     return h.hexdigest()
