@@ -29,7 +29,7 @@ Target (issue 4): MVP at least 5 points more robust than MLP-FT (mean of the wor
 AdvGLUE-style accuracies) at no more than 1.5 points clean loss; MVP+Adv above MLP-FT and MVP. With
 several seeds, the targets compare each row's mean over the seeds both rows have (one seed moves a
 row's robust accuracy by a few points: 200 attacked sentences, 98 AdvGLUE-style ones).
-Results: ``bench/results/prompt.json``; word-attack records stay in ``runs/bench_prompt_<row>/attacks/``
+Results: ``bench/results/prompt.json``; word-attack records stay in each run folder's ``attacks/``
 (resumable).
 """
 
@@ -175,9 +175,12 @@ def table(rows: list[dict], n: int, n_adv: int) -> str:
     for row in dict.fromkeys(r["row"] for r in rows):
         group = [r for r in rows if r["row"] == row]
         if len(group) > 1:
-            mean = lambda f: sum(f(r) for r in group) / len(group)  # noqa: E731
+            def mean(f):  # None when a seed lacks the figure (e.g. no PGD in its evaluation)
+                values = [f(r) for r in group]
+                return None if None in values else sum(values) / len(values)
+
             lines.append(f"| **{group[0]['method']}, mean** | {len(group)} seeds | {pct(mean(lambda r: r['clean_accuracy']))} | "
-                         f"{pct(mean(lambda r: r['pgd_accuracy'] or 0))} | "
+                         f"{pct(mean(lambda r: r['pgd_accuracy']))} | "
                          f"{pct(mean(lambda r: r['pwws']['accuracy_under_attack']))} | "
                          f"{pct(mean(lambda r: r['textfooler']['accuracy_under_attack']))} | "
                          f"{pct(mean(lambda r: r['advglue']['accuracy']))} | "
