@@ -32,13 +32,25 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(resolve_hf_model(MINILM))
 
 
+def tiny_bert_config(tokenizer, **extra):
+    """A 2-layer, hidden-32 BERT configuration on the tokenizer's vocabulary (a new object per call)."""
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, **extra)
+
+
+@pytest.fixture(scope="session")
+def bert_config(tokenizer):
+    """``bert_config()`` -> a new tiny BERT configuration (for BertModel / BertForMaskedLM in tests)."""
+    return lambda: tiny_bert_config(tokenizer)
+
+
 def tiny_bert(tokenizer, num_labels: int = 2, seed: int = 0):
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
 
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, num_labels=num_labels)
-    return BertForSequenceClassification(cfg)
+    return BertForSequenceClassification(tiny_bert_config(tokenizer, num_labels=num_labels))
 
 
 @pytest.fixture(scope="session")

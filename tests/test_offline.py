@@ -123,6 +123,11 @@ def test_resolve_hf_model(tmp_path, monkeypatch):
     assert offline.resolve_hf_model("someone/unknown-model") == "someone/unknown-model"
     monkeypatch.setitem(offline.OFFLINE_COPIES, "someone/shipped", ("no_such_package_xyz", "model"))
     assert offline.resolve_hf_model("someone/shipped") == "someone/shipped"
+    from unirobust.models.base import ModelSpecError
+
+    for missing in (f"{tmp_path}/absent", "./runs/absent_model", "../absent_model"):  # paths, not hub ids
+        with pytest.raises(ModelSpecError, match="not found"):
+            offline.resolve_hf_model(missing)
 
 
 def test_import_is_light():

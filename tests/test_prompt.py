@@ -21,27 +21,20 @@ NLI_TEMPLATE = "{premise} ? [MASK] , {hypothesis}"
 NLI_WORDS = [["yes"], ["maybe"], ["no"]]
 
 
-def tiny_config(tokenizer):
-    from transformers import BertConfig
-
-    return BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=64)
-
-
 @pytest.fixture(scope="module")
-def mlm_model(tokenizer):
+def mlm_model(bert_config):
     from transformers import BertForMaskedLM
 
     torch.manual_seed(0)
-    return BertForMaskedLM(tiny_config(tokenizer)).eval()
+    return BertForMaskedLM(bert_config()).eval()
 
 
 @pytest.fixture(scope="module")
-def encoder_model(tokenizer):
+def encoder_model(bert_config):
     from transformers import BertModel
 
     torch.manual_seed(1)
-    return BertModel(tiny_config(tokenizer), add_pooling_layer=False).eval()
+    return BertModel(bert_config(), add_pooling_layer=False).eval()
 
 
 def sst_prompt(model, tokenizer, templates=(SST_TEMPLATE,), scorer="mlm", **kw):
@@ -244,7 +237,7 @@ def test_predict_uses_the_prompt(mlm_model, tokenizer, sentences):
     assert torch.equal(adapter.predict([e["sentence"] for e in sentences], batch_size=3), expected)
 
 
-def test_build_hf_head_prompt_picks_the_scorer(tmp_path, tokenizer):
+def test_build_hf_head_prompt_picks_the_scorer(tmp_path, tokenizer, bert_config):
     """``hf:<folder>`` with ``head: prompt``: an MLM checkpoint keeps its head, a bare encoder scores
     against its tied embeddings (no random head); the weights round-trip through a run's safetensors."""
     from transformers import BertForMaskedLM, BertModel
@@ -258,7 +251,7 @@ def test_build_hf_head_prompt_picks_the_scorer(tmp_path, tokenizer):
     torch.manual_seed(0)
     for cls, scorer in ((BertForMaskedLM, "mlm"), (BertModel, "embedding")):
         folder = tmp_path / cls.__name__
-        cls(tiny_config(tokenizer)).save_pretrained(folder)
+        cls(bert_config()).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         adapter = build_model(str(folder), task, **options)
         assert isinstance(adapter, PromptAdapter) and adapter.scorer == scorer

@@ -181,12 +181,17 @@ def ensure_textattack_ready():
 def resolve_hf_model(name_or_path: str) -> str:
     """Where to load a Hugging Face model from, preferring data already on disk.
 
-    An existing local directory is returned unchanged; a hub id listed in :data:`OFFLINE_COPIES`
+    An existing local directory is returned unchanged (a missing one written as a path, ``./x``,
+    ``../x``, ``/x`` or ``~/x``, is an error, not a hub id); a hub id listed in :data:`OFFLINE_COPIES`
     whose package is installed resolves to the packaged folder; anything else is returned
     unchanged (the hub id, for users with network).
     """
     if Path(name_or_path).expanduser().is_dir():
         return name_or_path
+    if name_or_path.startswith(("./", "../", "/", "~")):  # a path, never a hub id
+        from .models.base import ModelSpecError
+
+        raise ModelSpecError(f"model folder {name_or_path} not found")
     entry = OFFLINE_COPIES.get(name_or_path)
     if entry is not None:
         package, sub = entry
