@@ -3,16 +3,13 @@
     python bench/bench_prompt.py [--epochs 2] [--n 200] [--advgen-n 400] [--advgen-attack deepwordbug]
         [--rows mlp,mvp,...] [--seeds 0,1,2]
 
-Five recipes, same model (all-MiniLM-L6-v2, offline), data (the 4,000 bundled SST-2 training
+Four recipes, same model (all-MiniLM-L6-v2, offline), data (the 4,000 bundled SST-2 training
 sentences), optimiser and budget (``--epochs``):
 
 - ``mlp``: ``recipes/prompt/sst2_minilm_mlp.yaml``, the standard randomly initialised head (MLP-FT);
 - ``mvp``: ``recipes/prompt/sst2_minilm_mvp.yaml``, template + verbalizer read at the mask (MVP);
 - ``mvp_multi``: ``recipes/prompt/sst2_minilm_mvp_multi.yaml``, MVP with two templates and three
   verbalizer words per class (scores averaged), checked against the MVP target on its own;
-- ``mvp_mlm``: ``recipes/prompt/sst2_minilm_mvp_mlm.yaml``, MVP read through a masked-LM head
-  fitted onto the frozen MiniLM from the training sentences' text (``unirobust mlm-head``, made once
-  into ``runs/minilm_mlm_head``; labels unused, so its encoder is exactly MLP-FT's starting point);
 - ``mvp_adv``: ``recipes/prompt/sst2_minilm_mvp_adv.yaml``, MVP with embedding PGD-AT (MVP+Adv).
 
 Each is trained once per seed into ``runs/bench_prompt_<row>/`` (seed 0) or
@@ -55,13 +52,9 @@ from common import RESULTS, evaluate_saved_weights, write_result  # noqa: E402
 from unirobust.compat import ensure_torchvision  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-ROWS = {"mlp": "MLP-FT", "mvp": "MVP", "mvp_multi": "MVP (2 templates, 3 words)",
-        "mvp_mlm": "MVP (fitted MLM head)", "mvp_adv": "MVP+Adv"}
+ROWS = {"mlp": "MLP-FT", "mvp": "MVP", "mvp_multi": "MVP (2 templates, 3 words)", "mvp_adv": "MVP+Adv"}
 #: rows that are MVP variants, each checked against the MVP target on its own
-MVP_ROWS = ("mvp", "mvp_multi", "mvp_mlm")
-#: rows whose recipe reads the MiniLM copy with a fitted MLM head (``unirobust mlm-head``)
-MLM_HEAD = REPO / "runs" / "minilm_mlm_head"
-MLM_ROWS = ("mvp_mlm",)
+MVP_ROWS = ("mvp", "mvp_multi")
 WORD_ATTACKS = ("pwws", "textfooler")
 HELDOUT = REPO.parent / "shared" / "data" / "sst2" / "heldout.tsv"
 
@@ -77,18 +70,6 @@ def ensure_run(recipe: Path, name: str, overrides: list[str]) -> Path:
         print("training:", " ".join(cmd[2:]), flush=True)
         subprocess.run(cmd, cwd=REPO, check=True)
     return run
-
-
-def ensure_mlm_head() -> dict:
-    """``runs/minilm_mlm_head``: MiniLM with an MLM head fitted on the training sentences' text (made
-    once with ``unirobust mlm-head``; its ``mlm_head.json`` says how well it predicts held-out tokens)."""
-    if not (MLM_HEAD / "mlm_head.json").exists():
-        cmd = [sys.executable, "-m", "unirobust.cli", "mlm-head", "hf:sentence-transformers/all-MiniLM-L6-v2",
-               "--task", "sst2-sample", "--out", str(MLM_HEAD.relative_to(REPO))]
-        print("fitting:", " ".join(cmd[2:]), flush=True)
-        subprocess.run(cmd, cwd=REPO, check=True)
-    info = json.loads((MLM_HEAD / "mlm_head.json").read_text())
-    return {k: info[k] for k in ("model", "texts", "seed", "options", "before", "after")}
 
 
 def evaluate_saved(run: Path) -> None:
@@ -262,7 +243,6 @@ def main(argv=None) -> int:
         p.error(f"--advgen-attack must differ from the evaluated attacks ({', '.join(WORD_ATTACKS)})")
 
     seeds = sorted({int(x) for x in args.seeds.split(",") if x.strip()})
-    mlm_head = ensure_mlm_head() if set(rows) & set(MLM_ROWS) else None
     runs = {(r, s): ensure_run(REPO / "recipes" / "prompt" / f"sst2_minilm_{r}.yaml", run_name(r, s),
                                [f"train.epochs={args.epochs}", f"seed={s}"]) for r in rows for s in seeds}
     surrogate = Path(args.surrogate)
@@ -297,8 +277,7 @@ def main(argv=None) -> int:
     path = write_result("prompt", {"config": {**vars(args), "n_dev_attacked": len(dev_examples)},
                                    "advglue_set": {"path": str(advglue_path.relative_to(REPO)), **{
                                        k: v for k, v in counts.items() if k != "attack_summary"}},
-                                   "results": results, "targets": verdict,
-                                   **({"mlm_head": mlm_head} if mlm_head else {})})
+                                   "results": results, "targets": verdict})
     print(f"results: {path}")
     return 0
 

@@ -19,7 +19,6 @@ EXAMPLES = """examples:
   unirobust attack runs/sst2_minilm --attack textfooler --n 200
   unirobust attack runs/sst2_minilm --textattack-recipe deepwordbug --n 100
   unirobust advgen runs/sst2_minilm --attack textfooler --n 500 --out my_advglue.json
-  unirobust mlm-head hf:sentence-transformers/all-MiniLM-L6-v2 --task sst2-sample --out models/minilm-mlm
   unirobust list tasks
   unirobust launch --multi_gpu --num_processes 2 -- run recipes/digits_pgd_at.yaml
 """
@@ -197,32 +196,6 @@ def cmd_advgen(args) -> int:
     return 0
 
 
-def cmd_mlm_head(args) -> int:
-    """Fit a masked-LM head onto an encoder without one (frozen encoder, unlabelled text), for ``head: prompt``."""
-    from .models.mlm_head import build_mlm_head
-
-    if args.texts:
-        lines = Path(args.texts).read_text(encoding="utf-8").splitlines()
-        texts, source = [ln.split("\t")[0] for ln in lines], str(args.texts)
-    else:
-        from .tasks import get_task, load_task
-
-        task = get_task(args.task)
-        if task.modality != "text":
-            raise RecipeError(f"task {args.task!r} is not a text task")
-        train = load_task(task, seed=args.seed).train
-        texts = [str(t) for f in task.text_fields for t in train[f]]  # labels are not used
-        source = f"task {task.name}, train split ({len(train)} examples, fields {', '.join(task.text_fields)})"
-    if args.max_texts:
-        texts = texts[:args.max_texts]
-    info = build_mlm_head(args.model, texts, Path(args.out), seed=args.seed, overwrite=args.overwrite, source=source,
-                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, max_length=args.max_length)
-    print(f"held-out masked-token accuracy {100 * info['before']['accuracy']:.1f}% -> "
-          f"{100 * info['after']['accuracy']:.1f}% ({info['after']['masked_tokens']} tokens) -> {args.out}\n"
-          f"use it with: model: {{spec: hf:{args.out}, options: {{head: prompt, ...}}}}")
-    return 0
-
-
 def cmd_launch(args) -> int:
     """``accelerate launch <options> -m unirobust.cli <command>``, with the torchvision fix applied first
     (the ``accelerate`` CLI imports timm, hence torchvision, before it launches anything)."""
@@ -326,22 +299,6 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--min-similarity", type=float, default=0.85, help="sentence-encoder cosine (default 0.85)")
     ag.add_argument("--max-change", type=float, default=0.15, help="max fraction of words changed (default 0.15)")
 
-    mh = sub.add_parser("mlm-head", help="fit a masked-LM head onto an encoder that has none (for head: prompt)",
-                        description="Train only the masked-LM head of an hf: encoder (every encoder weight frozen) by "
-                        "masked-token prediction on unlabelled text; write a Hugging Face checkpoint folder.")
-    mh.add_argument("model", help="hf:<hub id or folder>, e.g. hf:sentence-transformers/all-MiniLM-L6-v2")
-    src = mh.add_mutually_exclusive_group(required=True)
-    src.add_argument("--task", help="use the texts of this task's train split (labels are ignored)")
-    src.add_argument("--texts", help="a text file, one text per line (a TSV's first column)")
-    mh.add_argument("--out", required=True, help="output checkpoint folder")
-    mh.add_argument("--epochs", type=int, default=10)
-    mh.add_argument("--batch-size", type=int, default=32)
-    mh.add_argument("--lr", type=float, default=1e-3)
-    mh.add_argument("--max-length", type=int, default=128)
-    mh.add_argument("--max-texts", type=int, help="use at most this many texts")
-    mh.add_argument("--seed", type=int, default=0)
-    mh.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-
     from .transfer_eval import add_transfer_parser
 
     add_transfer_parser(sub)
@@ -391,10 +348,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_attack(args)
         if args.command == "launch":
             return cmd_launch(args)
-        if args.command == "mlm-head":
-            return cmd_mlm_head(args)
         return cmd_list(args)
-    except (RecipeError, TaskError, UnknownName, ModelSpecError, AdvGLUEError, MissingMaskedLM, FileExistsError) as err:
+    except (RecipeError, TaskError, UnknownName, ModelSpecError, AdvGLUEError, MissingMaskedLM) as err:
         print(f"unirobust: error: {err}", file=sys.stderr)
         return 2
 
