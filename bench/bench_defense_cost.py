@@ -97,57 +97,42 @@ def step_fn(defense, model, batch, optimizer):
     return step
 
 
-def hand_written_pgd_at(model, batch, optimizer, eps: float, steps: int = K):
-    """The minimal embedding PGD-AT loop a researcher would write: per-token L2 ball relative to the
-    token norm, K normalised ascent steps, then one update on the adversarial embeddings."""
+def hand_written_text(model, batch, optimizer, eps: float, trades: bool, steps: int = K, beta: float = 6.0):
+    """The minimal embedding loops a researcher would write, in a per-token L2 ball relative to the
+    token norm with K normalised ascent steps: PGD-AT (zero start, one update on the adversarial
+    embeddings) or, with ``trades``, TRADES (Zhang et al. 2019, reference semantics: eval-mode clean
+    distribution as the fixed KL target, a 0.001 x token-norm Gaussian start, one update on
+    CE(clean) + beta * KL(clean || adversarial))."""
     hf = model.model
     mask = model.perturbable(batch).unsqueeze(-1).float()
     inputs = {k: batch[k] for k in ("attention_mask", "token_type_ids") if k in batch}
+    logits = lambda e: hf(inputs_embeds=e, **inputs).logits  # noqa: E731
 
     def step():
         hf.eval()
         emb = hf.get_input_embeddings()(batch["input_ids"])
         radius = eps * emb.detach().norm(dim=-1, keepdim=True)
-        delta = torch.zeros_like(emb, requires_grad=True)
+        if trades:
+            with torch.no_grad():
+                p_clean = F.softmax(logits(emb), dim=-1)
+        delta = ((0.001 * radius * torch.randn_like(emb) * mask) if trades else torch.zeros_like(emb)).requires_grad_(True)
         for _ in range(steps):
-            loss = F.cross_entropy(hf(inputs_embeds=emb.detach() + delta, **inputs).logits, batch["labels"])
+            out = logits(emb.detach() + delta)
+            loss = (F.kl_div(F.log_softmax(out, dim=-1), p_clean, reduction="sum") if trades
+                    else F.cross_entropy(out, batch["labels"]))
             g, = torch.autograd.grad(loss, delta)
             d = delta.detach() + 2.5 * radius / steps * g / g.norm(dim=-1, keepdim=True).clamp_min(1e-12) * mask
             delta = (d * (radius / d.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1)).requires_grad_(True)
         hf.train()
-        loss = F.cross_entropy(hf(inputs_embeds=emb + delta.detach(), **inputs).logits, batch["labels"])
+        adv = logits(emb + delta.detach())
+        if trades:
+            clean = logits(emb)
+            kl = F.kl_div(F.log_softmax(adv, dim=-1), F.log_softmax(clean, dim=-1), reduction="batchmean",
+                          log_target=True)
+            loss = F.cross_entropy(clean, batch["labels"]) + beta * kl
+        else:
+            loss = F.cross_entropy(adv, batch["labels"])
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return step
-
-
-def hand_written_trades(model, batch, optimizer, eps: float, steps: int = K, beta: float = 6.0):
-    """The minimal embedding TRADES a researcher would write (Zhang et al. 2019, reference semantics):
-    eval-mode clean distribution as the fixed KL target, a 0.001 x token-norm Gaussian start, K
-    normalised ascent steps on KL, then one update on CE(clean) + beta * KL(clean || adversarial)."""
-    hf = model.model
-    mask = model.perturbable(batch).unsqueeze(-1).float()
-    inputs = {k: batch[k] for k in ("attention_mask", "token_type_ids") if k in batch}
-
-    def step():
-        hf.eval()
-        emb = hf.get_input_embeddings()(batch["input_ids"])
-        radius = eps * emb.detach().norm(dim=-1, keepdim=True)
-        with torch.no_grad():
-            p_clean = F.softmax(hf(inputs_embeds=emb, **inputs).logits, dim=-1)
-        delta = (0.001 * radius * torch.randn_like(emb) * mask).requires_grad_(True)
-        for _ in range(steps):
-            kl = F.kl_div(F.log_softmax(hf(inputs_embeds=emb.detach() + delta, **inputs).logits, dim=-1), p_clean,
-                          reduction="sum")
-            g, = torch.autograd.grad(kl, delta)
-            d = delta.detach() + 2.5 * radius / steps * g / g.norm(dim=-1, keepdim=True).clamp_min(1e-12) * mask
-            delta = (d * (radius / d.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1)).requires_grad_(True)
-        hf.train()
-        clean = hf(inputs_embeds=emb, **inputs).logits
-        adv = hf(inputs_embeds=emb + delta.detach(), **inputs).logits
-        kl = F.kl_div(F.log_softmax(adv, dim=-1), F.log_softmax(clean, dim=-1), reduction="batchmean", log_target=True)
-        (F.cross_entropy(clean, batch["labels"]) + beta * kl).backward()
         optimizer.step()
         optimizer.zero_grad()
     return step
@@ -205,13 +190,10 @@ def measure(modality: str, repeats: int, ks: list[int]) -> dict:
             steps[name] = step_fn(build_defense(spec, task.threat), model, batch, optimizer)
         except Exception as err:  # a defense not built yet is reported, not fatal
             missing.append(f"{name}: {err}")
-    if modality == "text":
-        steps["hand-written pgd-at K=3"] = hand_written_pgd_at(model, batch, optimizer, task.threat.eps)
-        steps["hand-written trades K=3"] = hand_written_trades(model, batch, optimizer, task.threat.eps)
-    else:
-        for name in ("pgd-at", "trades"):
-            steps[f"hand-written {name} K=3"] = hand_written_vision(model, batch, optimizer, task.threat.eps,
-                                                                    trades=name == "trades")
+    hand_written = hand_written_text if modality == "text" else hand_written_vision
+    for name in ("pgd-at", "trades"):
+        steps[f"hand-written {name} K={K}"] = hand_written(model, batch, optimizer, task.threat.eps,
+                                                           trades=name == "trades")
     for fn in steps.values():
         fn()  # warm-up
     samples: dict[str, list[float]] = {name: [] for name in steps}
