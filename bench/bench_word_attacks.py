@@ -129,7 +129,6 @@ def first_correct(adapter, dev, n: int, batch: int = 64) -> list[dict]:
 def whole_word_embedding(adapter):
     """A textattack ``WordEmbedding`` over the victim's input embeddings of whole-word vocabulary entries,
     with a precomputed cosine nearest-neighbour matrix (row 0 of each entry is the word itself)."""
-    import numpy as np
     from textattack.shared import WordEmbedding
 
     tok = adapter.tokenizer

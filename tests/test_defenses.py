@@ -34,6 +34,7 @@ TEXT_THREAT = ThreatModel(norm="l2", eps=0.5, relative=True, steps=2)
 
 # cheap settings of every defense (attack budgets come from the threat above)
 SPECS = {
+    "pgd-at-reweighted": {"name": "pgd-at", "instance_reweight": 1.0, "class_reweight": True},
     "trades": {"name": "trades"},
     "trades-reweighted": {"name": "trades", "instance_reweight": 1.0, "class_reweight": True},
     "mart": {"name": "mart"},

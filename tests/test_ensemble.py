@@ -11,7 +11,6 @@ from unirobust.compat import ensure_torchvision
 ensure_torchvision()
 
 import math
-from types import SimpleNamespace
 
 import pytest
 from conftest import SIX_SENTENCES

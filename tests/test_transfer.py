@@ -13,7 +13,6 @@ ensure_torchvision()
 import argparse
 import json
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

@@ -57,19 +57,28 @@ def feature_distance(f_z: Tensor, f_t: Tensor) -> Tensor:
 
 
 @dataclass(config=ConfigDict(extra="forbid"))
-class FeatureDistillation:
+class IterativeBudget:
+    """The budget fields of the iterative transfer-style attacks (feature distillation, MI-FGSM, CWA):
+    ``eps`` ball of ``norm`` (``relative``: in units of each token's embedding norm), ``steps`` steps
+    of ``alpha`` (default eps / steps, I-FGSM's: the attack just reaches the boundary), no random
+    start unless asked."""
+
     eps: float = Field(ge=0)
     norm: Literal["linf", "l2"] = "linf"
     alpha: float | None = Field(default=None, gt=0)
     steps: int = Field(default=10, ge=0)
-    momentum: float = Field(default=1.0, ge=0)
     random_start: bool = False
     relative: bool = False
-    layer: int | None = None
 
     @property
     def step_size(self) -> float:
         return self.alpha if self.alpha is not None else self.eps / max(self.steps, 1)
+
+
+@dataclass(config=ConfigDict(extra="forbid"))
+class FeatureDistillation(IterativeBudget):
+    momentum: float = Field(default=1.0, ge=0)
+    layer: int | None = None
 
     def __call__(self, model, batch: dict, target_batch: dict, member: int | None = None) -> Tensor:
         """Distil ``batch`` (sources) toward ``target_batch`` (targets, same size); ``member`` picks an

@@ -35,7 +35,6 @@ Shapes: ``z`` B x C x H x W (vision) or B x T x D (text); every attack returns t
 from __future__ import annotations
 
 import logging
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +43,7 @@ from pydantic.dataclasses import dataclass
 from torch import Tensor
 
 from ..models.base import normalize_step, unit_norm
-from .distill import l1_normalize
+from .distill import IterativeBudget, l1_normalize
 from .pgd import attack_loss, pick_targets, run_attack, start_in_ball
 
 log = logging.getLogger(__name__)
@@ -80,23 +79,18 @@ def surrogate_logit_fns(adapter) -> list:
 
 
 @dataclass(config=ConfigDict(extra="forbid"))
-class MIFGSM:
-    """Momentum iterative FGSM; ``diversity_prob`` > 0 adds input diversity (vision)."""
+class MomentumBudget(IterativeBudget):
+    """:class:`IterativeBudget` plus gradient momentum (``decay``), input diversity and targeting."""
 
-    eps: float = Field(ge=0)
-    norm: Literal["linf", "l2"] = "linf"
-    alpha: float | None = Field(default=None, gt=0)
-    steps: int = Field(default=10, ge=0)
     decay: float = Field(default=1.0, ge=0)
     diversity_prob: float = Field(default=0.0, ge=0, le=1)
     resize_rate: float = Field(default=0.9, gt=0, le=1)
-    random_start: bool = False
     targeted: bool = False
-    relative: bool = False
 
-    @property
-    def step_size(self) -> float:
-        return self.alpha if self.alpha is not None else self.eps / max(self.steps, 1)
+
+@dataclass(config=ConfigDict(extra="forbid"))
+class MIFGSM(MomentumBudget):
+    """Momentum iterative FGSM; ``diversity_prob`` > 0 adds input diversity (vision)."""
 
     def __call__(self, model, batch: dict) -> Tensor:
         return run_attack(model, batch, self._run)
@@ -130,21 +124,12 @@ class DIMIFGSM(MIFGSM):
 
 
 @dataclass(config=ConfigDict(extra="forbid"))
-class CWA:
+class CWA(MomentumBudget):
     """Common Weakness Attack over an ensemble's members (or one adapter). See the module docstring."""
 
-    eps: float = Field(ge=0)
-    norm: Literal["linf", "l2"] = "linf"
     alpha: float | None = Field(default=None, gt=0, description="outer step; default eps / 5")
-    steps: int = Field(default=10, ge=0)
     reverse_step: float | None = Field(default=None, ge=0, description="sharpness step; default eps / 15")
     inner_alpha: float = Field(default=10.0, ge=0, description="inner step in L2 sizes of the ball")
-    decay: float = Field(default=1.0, ge=0)
-    diversity_prob: float = Field(default=0.0, ge=0, le=1)
-    resize_rate: float = Field(default=0.9, gt=0, le=1)
-    random_start: bool = False
-    targeted: bool = False
-    relative: bool = False
 
     @property
     def step_size(self) -> float:

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ..attacks.pgd import broadcast_mask
 from ..models.base import eval_mode, normalize_step, random_in_ball, unwrap
-from .reweight import ClassConfusion, weighted_mean
+from .reweight import Reweighting
 from .trades import step_size_of
 
 
@@ -91,17 +91,11 @@ def early_stopped_pgd(model, batch: dict, attack: Any, tau: int = 0, omega: floa
 
 
 @dataclass(config=ConfigDict(extra="forbid", arbitrary_types_allowed=True))
-class FAT:
+class FAT(Reweighting):
     attack: Any
     tau: int = Field(default=0, ge=0)
     omega: float = Field(default=0.001, ge=0)
     random_start: bool = True
-    instance_reweight: float | None = Field(default=None, gt=0)
-    class_reweight: bool = False
-    class_strength: float = Field(default=1.0, ge=0)
-
-    def __post_init__(self):
-        self._confusion: ClassConfusion | None = None
 
     def loss(self, model, batch: dict) -> dict:
         labels = batch["labels"]
@@ -109,10 +103,6 @@ class FAT:
         z = model.embed(batch)
         logits = model.logits(z + (z_adv - z.detach()), batch)
         ce = F.cross_entropy(logits, labels, reduction="none")
-        if self.class_reweight and self._confusion is None:
-            self._confusion = ClassConfusion(unwrap(model).num_classes)
-        loss = weighted_mean(ce, labels=labels, adv_logits=logits, instance_reweight=self.instance_reweight,
-                             class_reweight=self.class_reweight, confusion=self._confusion,
-                             class_strength=self.class_strength)
+        loss = self.reweighted_mean(model, ce, labels, logits)
         return {"loss": loss, "logits": logits,
                 "stats": {"fat_steps": float(steps.sum()), "n_examples": float(len(labels))}}

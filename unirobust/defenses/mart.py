@@ -28,8 +28,7 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 from torch import Tensor
 
-from ..models.base import unwrap
-from .reweight import ClassConfusion, weighted_mean
+from .reweight import Reweighting
 
 
 def boosted_ce(adv_logits: Tensor, labels: Tensor) -> Tensor:
@@ -42,15 +41,9 @@ def boosted_ce(adv_logits: Tensor, labels: Tensor) -> Tensor:
 
 
 @dataclass(config=ConfigDict(extra="forbid", arbitrary_types_allowed=True))
-class MART:
+class MART(Reweighting):
     attack: Any
     lam: float = Field(default=6.0, ge=0)
-    instance_reweight: float | None = Field(default=None, gt=0)
-    class_reweight: bool = False
-    class_strength: float = Field(default=1.0, ge=0)
-
-    def __post_init__(self):
-        self._confusion: ClassConfusion | None = None
 
     def loss(self, model, batch: dict) -> dict:
         labels = batch["labels"]
@@ -64,10 +57,6 @@ class MART:
         kl = F.kl_div(torch.log(adv_probs + 1e-12), nat_probs, reduction="none").sum(-1)
         true_probs = nat_probs.gather(1, labels.unsqueeze(1)).squeeze(1)
         robust = kl * (1.0000001 - true_probs)
-        if self.class_reweight and self._confusion is None:
-            self._confusion = ClassConfusion(unwrap(model).num_classes)
-        loss = weighted_mean(bce + self.lam * robust, labels=labels, adv_logits=adv_logits,
-                             instance_reweight=self.instance_reweight, class_reweight=self.class_reweight,
-                             confusion=self._confusion, class_strength=self.class_strength)
+        loss = self.reweighted_mean(model, bce + self.lam * robust, labels, adv_logits)
         return {"loss": loss, "logits": adv_logits, "bce": bce.mean().detach(), "kl": robust.mean().detach(),
                 "stats": {"clean_correct": float((clean_logits.argmax(-1) == labels).sum())}}

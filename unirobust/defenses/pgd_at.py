@@ -17,31 +17,20 @@ import torch.nn.functional as F
 from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 
-from ..models.base import unwrap
-from .reweight import ClassConfusion, weighted_mean
+from .reweight import Reweighting
 
 
 @dataclass(config=ConfigDict(extra="forbid", arbitrary_types_allowed=True))
-class PGDAT:
+class PGDAT(Reweighting):
     attack: Any
     clean_weight: float = Field(default=0.0, ge=0, le=1)
-    instance_reweight: float | None = Field(default=None, gt=0, description="KL coefficient of DRO instance weights")
-    class_reweight: bool = False
-    class_strength: float = Field(default=1.0, ge=0)
-
-    def __post_init__(self):
-        self._confusion = None
 
     def loss(self, model, batch: dict) -> dict:
         z_adv = self.attack(model, batch)
         z = model.embed(batch)
         logits = model.logits(z + (z_adv - z.detach()), batch)
         per = F.cross_entropy(logits, batch["labels"], reduction="none")
-        if self.class_reweight and self._confusion is None:
-            self._confusion = ClassConfusion(unwrap(model).num_classes)
-        loss = weighted_mean(per, labels=batch["labels"], adv_logits=logits,
-                             instance_reweight=self.instance_reweight, class_reweight=self.class_reweight,
-                             confusion=self._confusion, class_strength=self.class_strength)
+        loss = self.reweighted_mean(model, per, batch["labels"], logits)
         out = {"adv_loss": loss.detach()}
         if self.clean_weight:
             clean_logits = model.logits(z, batch)

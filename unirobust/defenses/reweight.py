@@ -28,7 +28,11 @@ Shapes: ``losses`` B; ``confusion`` K x K; ``labels`` / ``preds`` B (long). Weig
 from __future__ import annotations
 
 import torch
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
 from torch import Tensor
+
+from ..models.base import unwrap
 
 
 def dro_instance_weights(losses: Tensor, kl_coef: float) -> Tensor:
@@ -101,3 +105,25 @@ def weighted_mean(per_example: Tensor, *, labels: Tensor, adv_logits: Tensor, in
         weights = weights * dro_instance_weights(source, instance_reweight).to(weights.dtype)
     weights = weights / weights.mean().clamp_min(1e-12)
     return (weights * per_example).mean()
+
+
+@dataclass(config=ConfigDict(extra="forbid", arbitrary_types_allowed=True), kw_only=True)
+class Reweighting:
+    """The re-weighting options a defense gets by deriving from this (PGD-AT, TRADES, MART, FAT):
+    ``instance_reweight`` (KL coefficient of DRO instance weights) and ``class_reweight`` (hard-class
+    pair weights of strength ``class_strength``); keyword-only, so a defense's own fields keep their order."""
+
+    instance_reweight: float | None = Field(default=None, gt=0, description="KL coefficient of DRO instance weights")
+    class_reweight: bool = False
+    class_strength: float = Field(default=1.0, ge=0)
+
+    def __post_init__(self):
+        self._confusion: ClassConfusion | None = None
+
+    def reweighted_mean(self, model, per_example: Tensor, labels: Tensor, adv_logits: Tensor) -> Tensor:
+        """:func:`weighted_mean` with this defense's options (the class confusion is made on first use)."""
+        if self.class_reweight and self._confusion is None:
+            self._confusion = ClassConfusion(unwrap(model).num_classes)
+        return weighted_mean(per_example, labels=labels, adv_logits=adv_logits, instance_reweight=self.instance_reweight,
+                             class_reweight=self.class_reweight, confusion=self._confusion,
+                             class_strength=self.class_strength)

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ..attacks.pgd import broadcast_mask
 from ..models.base import eval_mode, normalize_step, unwrap
-from .reweight import ClassConfusion, weighted_mean
+from .reweight import Reweighting
 
 
 def step_size_of(attack: Any, steps: int) -> float:
@@ -79,16 +79,10 @@ def kl_per_example(p_logits: Tensor, q_logits: Tensor) -> Tensor:
 
 
 @dataclass(config=ConfigDict(extra="forbid", arbitrary_types_allowed=True))
-class TRADES:
+class TRADES(Reweighting):
     attack: Any
     beta: float = Field(default=6.0, ge=0)
     init_std: float = Field(default=0.001, ge=0)
-    instance_reweight: float | None = Field(default=None, gt=0)
-    class_reweight: bool = False
-    class_strength: float = Field(default=1.0, ge=0)
-
-    def __post_init__(self):
-        self._confusion: ClassConfusion | None = None
 
     def loss(self, model, batch: dict) -> dict:
         labels = batch["labels"]
@@ -98,10 +92,6 @@ class TRADES:
         adv_logits = model.logits(z + (z_adv - z.detach()), batch)
         ce = F.cross_entropy(clean_logits, labels, reduction="none")
         kl = kl_per_example(clean_logits, adv_logits)
-        if self.class_reweight and self._confusion is None:
-            self._confusion = ClassConfusion(unwrap(model).num_classes)
-        loss = weighted_mean(ce + self.beta * kl, labels=labels, adv_logits=adv_logits,
-                             instance_reweight=self.instance_reweight, class_reweight=self.class_reweight,
-                             confusion=self._confusion, class_strength=self.class_strength)
+        loss = self.reweighted_mean(model, ce + self.beta * kl, labels, adv_logits)
         return {"loss": loss, "logits": adv_logits, "clean_loss": ce.mean().detach(), "kl": kl.mean().detach(),
                 "stats": {"clean_correct": float((clean_logits.argmax(-1) == labels).sum())}}
