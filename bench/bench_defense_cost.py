@@ -97,6 +97,12 @@ def step_fn(defense, model, batch, optimizer):
     return step
 
 
+def trades_loss(clean, adv, labels, beta: float):
+    """TRADES's outer loss on logits: CE(clean) + beta * KL(p(clean) || p(adv)), batch mean."""
+    kl = F.kl_div(F.log_softmax(adv, dim=-1), F.log_softmax(clean, dim=-1), reduction="batchmean", log_target=True)
+    return F.cross_entropy(clean, labels) + beta * kl
+
+
 def hand_written_text(model, batch, optimizer, eps: float, trades: bool, steps: int = K, beta: float = 6.0):
     """The minimal embedding loops a researcher would write, in a per-token L2 ball relative to the
     token norm with K normalised ascent steps: PGD-AT (zero start, one update on the adversarial
@@ -125,13 +131,7 @@ def hand_written_text(model, batch, optimizer, eps: float, trades: bool, steps: 
             delta = (d * (radius / d.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1)).requires_grad_(True)
         hf.train()
         adv = logits(emb + delta.detach())
-        if trades:
-            clean = logits(emb)
-            kl = F.kl_div(F.log_softmax(adv, dim=-1), F.log_softmax(clean, dim=-1), reduction="batchmean",
-                          log_target=True)
-            loss = F.cross_entropy(clean, batch["labels"]) + beta * kl
-        else:
-            loss = F.cross_entropy(adv, batch["labels"])
+        loss = trades_loss(logits(emb), adv, batch["labels"], beta) if trades else F.cross_entropy(adv, batch["labels"])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -162,13 +162,7 @@ def hand_written_vision(model, batch, optimizer, eps: float, trades: bool, steps
             delta = ((x + d).clamp(0, 1) - x).requires_grad_(True)
         model.train()
         adv = model.logits(x + delta.detach())
-        if trades:
-            clean = model.logits(x)
-            kl = F.kl_div(F.log_softmax(adv, dim=-1), F.log_softmax(clean, dim=-1), reduction="batchmean",
-                          log_target=True)
-            loss = F.cross_entropy(clean, y) + beta * kl
-        else:
-            loss = F.cross_entropy(adv, y)
+        loss = trades_loss(model.logits(x), adv, y, beta) if trades else F.cross_entropy(adv, y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
