@@ -1,7 +1,7 @@
 """MLP-FT vs MVP vs MVP+Adv on SST-2 with MiniLM, under word substitutions and an AdvGLUE-style set (issue 4).
 
     python bench/bench_prompt.py [--epochs 2] [--n 200] [--advgen-n 400] [--advgen-attack deepwordbug]
-        [--rows mlp,mvp,...] [--seeds 0,1,2]
+        [--rows mlp,mvp,...] [--seeds 0,1,2] [--lr 2e-5]
 
 Four recipes, same model (all-MiniLM-L6-v2, offline), data (the 4,000 bundled SST-2 training
 sentences), optimiser and budget (``--epochs``):
@@ -29,6 +29,8 @@ Target (issue 4): MVP at least 5 points more robust than MLP-FT (mean of the wor
 AdvGLUE-style accuracies) at no more than 1.5 points clean loss; MVP+Adv above MLP-FT and MVP. With
 several seeds, the targets compare each row's mean over the seeds both rows have (one seed moves a
 row's robust accuracy by a few points: 200 attacked sentences, 98 AdvGLUE-style ones).
+``--lr`` trains every row at another learning rate than the recipes' (runs ``..._lr<lr>``); the
+table has one group per learning rate and the targets compare rows of the same learning rate.
 Results: ``bench/results/prompt.json``; word-attack records stay in each run folder's ``attacks/``
 (resumable).
 """
@@ -128,8 +130,14 @@ def word_attack(run: Path, adapter, examples: list[dict], name: str) -> dict:
     return {**summary, "wall_seconds": time.perf_counter() - began}
 
 
-def run_name(row: str, seed: int) -> str:
-    return f"bench_prompt_{row}" if seed == 0 else f"bench_prompt_{row}_seed{seed}"
+def run_name(row: str, seed: int, lr: float | None = None) -> str:
+    """``bench_prompt_<row>[_lr<lr>][_seed<s>]``: the recipe's learning rate and seed 0 add nothing."""
+    return f"bench_prompt_{row}" + ("" if lr is None else f"_lr{lr:g}") + ("" if seed == 0 else f"_seed{seed}")
+
+
+def recipe_lr() -> float:
+    """The learning rate the prompt recipes train with (all rows share it)."""
+    return float(yaml.safe_load((REPO / "recipes" / "prompt" / "sst2_minilm_mvp.yaml").read_text())["train"]["lr"])
 
 
 def measure_row(row: str, seed: int, run: Path, dev_examples: list[dict], advglue_path: Path) -> dict:
@@ -143,6 +151,7 @@ def measure_row(row: str, seed: int, run: Path, dev_examples: list[dict], advglu
            "clean_accuracy": metrics["eval"]["clean_accuracy"], "n_dev": metrics["eval"].get("n"),
            "pgd_accuracy": metrics["eval"].get("robust_accuracy"),
            "train_seconds": metrics.get("train", {}).get("seconds"), "epochs": recipe.train.epochs,
+           "lr": recipe.train.lr,
            "train_steps": metrics.get("train", {}).get("steps")}
     for name in WORD_ATTACKS:
         s = word_attack(run, adapter, dev_examples, name)
@@ -165,21 +174,21 @@ def pct(x) -> str:
 
 def table(rows: list[dict], n: int, n_adv: int) -> str:
     """Markdown table: one line per (row, seed), then each row's mean over its seeds if it has several."""
-    lines = [f"| method | seed | clean (872 dev) | embedding PGD | pwws (n={n}) | textfooler (n={n}) | "
-             f"AdvGLUE-style (n={n_adv}) | mean robust | epochs | train s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| method | lr | seed | clean (872 dev) | embedding PGD | pwws (n={n}) | textfooler (n={n}) | "
+             f"AdvGLUE-style (n={n_adv}) | mean robust | epochs | train s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r.get('seed', 0)} | {pct(r['clean_accuracy'])} | {pct(r['pgd_accuracy'])} | "
+        lines.append(f"| {r['method']} | {r['lr']:g} | {r.get('seed', 0)} | {pct(r['clean_accuracy'])} | {pct(r['pgd_accuracy'])} | "
                      f"{pct(r['pwws']['accuracy_under_attack'])} | {pct(r['textfooler']['accuracy_under_attack'])} | "
                      f"{pct(r['advglue']['accuracy'])} | {pct(r['mean_robust_accuracy'])} | {r['epochs']} | "
                      f"{'—' if r['train_seconds'] is None else format(r['train_seconds'], '.0f')} |")
-    for row in dict.fromkeys(r["row"] for r in rows):
-        group = [r for r in rows if r["row"] == row]
+    for row, lr in dict.fromkeys((r["row"], r["lr"]) for r in rows):
+        group = [r for r in rows if r["row"] == row and r["lr"] == lr]
         if len(group) > 1:
             def mean(f):  # None when a seed lacks the figure (e.g. no PGD in its evaluation)
                 values = [f(r) for r in group]
                 return None if None in values else sum(values) / len(values)
 
-            lines.append(f"| **{group[0]['method']}, mean** | {len(group)} seeds | {pct(mean(lambda r: r['clean_accuracy']))} | "
+            lines.append(f"| **{group[0]['method']}, mean** | {lr:g} | {len(group)} seeds | {pct(mean(lambda r: r['clean_accuracy']))} | "
                          f"{pct(mean(lambda r: r['pgd_accuracy']))} | "
                          f"{pct(mean(lambda r: r['pwws']['accuracy_under_attack']))} | "
                          f"{pct(mean(lambda r: r['textfooler']['accuracy_under_attack']))} | "
@@ -201,6 +210,17 @@ def seeds_of(results: list[dict], row: str) -> set[int]:
 
 
 def targets(results: list[dict]) -> dict:
+    """:func:`targets_at` per learning rate; keys of the recipes' own learning rate unprefixed, the
+    others' prefixed with ``lr<lr>_``."""
+    out = {}
+    default = recipe_lr()
+    for lr in sorted({r["lr"] for r in results}, key=lambda lr: (lr != default, lr)):
+        prefix = "" if lr == default else f"lr{lr:g}_"
+        out.update({prefix + k: v for k, v in targets_at([r for r in results if r["lr"] == lr]).items()})
+    return out
+
+
+def targets_at(results: list[dict]) -> dict:
     """Per MVP variant: robust gain over MLP-FT and clean loss (target: >= 5 points at <= 1.5 points),
     on the means over the seeds both rows have; MVP+Adv above MLP-FT and every MVP variant."""
     out = {}
@@ -233,6 +253,8 @@ def main(argv=None) -> int:
                    help="run the AdvGLUE-style set is generated against (trained from recipes/bench if missing)")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
     p.add_argument("--seeds", default="0", help="comma-separated training seeds of every row (0: runs/bench_prompt_<row>)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate of every row instead of the recipes' (runs bench_prompt_<row>_lr<lr>...)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s: %(message)s")
     ensure_torchvision()
@@ -243,8 +265,11 @@ def main(argv=None) -> int:
         p.error(f"--advgen-attack must differ from the evaluated attacks ({', '.join(WORD_ATTACKS)})")
 
     seeds = sorted({int(x) for x in args.seeds.split(",") if x.strip()})
-    runs = {(r, s): ensure_run(REPO / "recipes" / "prompt" / f"sst2_minilm_{r}.yaml", run_name(r, s),
-                               [f"train.epochs={args.epochs}", f"seed={s}"]) for r in rows for s in seeds}
+    if args.lr is not None and args.lr <= 0:
+        p.error("--lr must be positive")
+    lr = [] if args.lr is None else [f"train.lr={args.lr}"]
+    runs = {(r, s): ensure_run(REPO / "recipes" / "prompt" / f"sst2_minilm_{r}.yaml", run_name(r, s, args.lr),
+                               [f"train.epochs={args.epochs}", f"seed={s}", *lr]) for r in rows for s in seeds}
     surrogate = Path(args.surrogate)
     if not (surrogate / "model.safetensors").exists():
         surrogate = ensure_run(REPO / "recipes" / "bench" / "sst2_minilm_victim.yaml", surrogate.name, [])
@@ -264,12 +289,15 @@ def main(argv=None) -> int:
         old = json.loads(previous.read_text())
         if (old.get("config", {}).get("n_dev_attacked") == len(dev_examples)
                 and old.get("advglue_set", {}).get("path") == str(advglue_path.relative_to(REPO))):
-            kept = [r for r in old.get("results", []) if (r["row"], r.get("seed", 0)) not in runs]
+            measured = {r["run"] for r in results}
+            kept = [r for r in old.get("results", []) if r["run"] not in measured]
             for r in kept:
-                if "epochs" not in r:  # rows written before the field existed
-                    r["epochs"] = yaml.safe_load((REPO / r["run"] / "recipe.yaml").read_text())["train"]["epochs"]
+                for field in ("epochs", "lr"):  # rows written before the field existed
+                    if field not in r:
+                        r[field] = yaml.safe_load((REPO / r["run"] / "recipe.yaml").read_text())["train"][field]
             results = kept + results
-    results.sort(key=lambda r: (list(ROWS).index(r["row"]), r.get("seed", 0)))
+    default = recipe_lr()
+    results.sort(key=lambda r: (r["lr"] != default, r["lr"], list(ROWS).index(r["row"]), r.get("seed", 0)))
     print()
     print(table(results, len(dev_examples), counts["kept"]))
     verdict = targets(results)
