@@ -282,3 +282,55 @@ def test_text_predict_is_argmax_and_keeps_mode(text_adapter, pair_adapter, sente
         pred = adapter.predict(inputs, batch_size=2)
         assert adapter.training
         assert pred.dtype == torch.long and torch.equal(pred, expected)
+
+
+def save_checkpoint(tmp_path, tokenizer, id2label: dict, always: int):
+    """A fine-tuned-looking sequence classifier in ``tmp_path`` whose head always predicts ``always``."""
+    from transformers import BertForSequenceClassification
+
+    from conftest import tiny_bert_config
+
+    cfg = tiny_bert_config(tokenizer, num_labels=len(id2label), id2label=id2label,
+                           label2id={v: k for k, v in id2label.items()})
+    model = BertForSequenceClassification(cfg)
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.zero_()
+        model.classifier.bias[always] = 5.0
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def nli_task(labels):
+    return SimpleNamespace(name="nli", labels=list(labels), num_classes=len(labels), text_fields=["premise", "hypothesis"])
+
+
+def test_checkpoint_head_is_put_in_the_task_label_order(tmp_path, tokenizer):
+    from unirobust.models.text import build_hf
+
+    # roberta-large-mnli's order, upper case; the checkpoint always says ENTAILMENT (its output 2)
+    path = save_checkpoint(tmp_path, tokenizer, {0: "CONTRADICTION", 1: "NEUTRAL", 2: "ENTAILMENT"}, always=2)
+    adapter = build_hf(str(path), nli_task(["entailment", "neutral", "contradiction"]))
+    assert adapter.predict([("a cat sleeps", "an animal sleeps")]).tolist() == [0]  # the task's entailment
+    assert adapter.model.config.id2label == {0: "entailment", 1: "neutral", 2: "contradiction"}
+
+
+def test_checkpoint_head_with_other_label_names_keeps_its_order(tmp_path, tokenizer, caplog):
+    from unirobust.models.text import build_hf
+
+    path = save_checkpoint(tmp_path, tokenizer, {0: "neg", 1: "pos"}, always=1)
+    with caplog.at_level("WARNING"):
+        adapter = build_hf(str(path), nli_task(["negative", "positive"]))
+    assert adapter.predict([("a", "b")]).tolist() == [1]
+    assert "not the task's" in caplog.text
+
+
+def test_checkpoint_head_for_another_number_of_labels_is_replaced(tmp_path, tokenizer, caplog):
+    from unirobust.models.text import build_hf
+
+    path = save_checkpoint(tmp_path, tokenizer, {0: "contradiction", 1: "neutral", 2: "entailment"}, always=2)
+    with caplog.at_level("WARNING"):
+        adapter = build_hf(str(path), nli_task(["entailment", "not_entailment"]))
+    assert adapter.model.classifier.out_features == 2
+    assert "the head is new" in caplog.text

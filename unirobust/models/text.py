@@ -124,7 +124,8 @@ def build_hf(name: str, task, max_length: int = 128, pretrained: bool = True, fe
     architecture and tokenizer but initialises every weight at random.
 
     ``head``: ``classifier`` (default): ``AutoModelForSequenceClassification``; the classification
-    head is new (random) unless the checkpoint has one for this many labels. ``prompt``: templates +
+    head is new (random) unless the checkpoint has one for this many labels, whose outputs are put
+    in the task's label order by name (see :func:`_align_label_order`). ``prompt``: templates +
     verbalizer read at the mask (MVP; options ``templates``, ``verbalizer``, ``scorer``; see
     :func:`unirobust.models.prompt.build_prompt_hf`). Other options go to ``from_pretrained``.
     """
@@ -153,12 +154,60 @@ def _build_classifier(path: str, task, tokenizer, pretrained: bool = True, max_l
     labels = {"num_labels": task.num_classes, "id2label": dict(enumerate(task.labels)),
               "label2id": {n: i for i, n in enumerate(task.labels)}}
     if pretrained:
-        model = AutoModelForSequenceClassification.from_pretrained(path, **labels, **kwargs)
+        own = checkpoint_label_names(AutoConfig.from_pretrained(path))
+        if own is not None and len(own) == task.num_classes:  # a fine-tuned head: keep it, then reorder
+            model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+            _align_label_order(model, own, list(task.labels))
+            model.config.update(labels)
+        else:  # no head, or one for another number of labels: a new head
+            if own is not None:
+                log.warning("%s has a head for %d labels %s; the task has %d: the head is new (random)",
+                            path, len(own), own, task.num_classes)
+            model = AutoModelForSequenceClassification.from_pretrained(path, **labels, ignore_mismatched_sizes=True,
+                                                                       **kwargs)
     else:
         model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(path, **labels, **kwargs))
     if freeze_embeddings:
         model.get_input_embeddings().requires_grad_(False)
     return TextAdapter(model, tokenizer, task.num_classes, task.text_fields, max_length, feature_layer)
+
+
+def checkpoint_label_names(config) -> list[str] | None:
+    """The label names a checkpoint's config gives its outputs, or None when it names none
+    (``LABEL_0``, ``LABEL_1``, ...: transformers' defaults, no fine-tuned head to speak of)."""
+    names = [str(config.id2label[i]) for i in sorted(config.id2label)]
+    return None if all(n == f"LABEL_{i}" for i, n in enumerate(names)) else names
+
+
+def _align_label_order(model, own: list[str], wanted: list[str]) -> None:
+    """Permute the output rows of ``model``'s classification layer from the checkpoint's label order
+    ``own`` to the task's ``wanted`` order, matching names case-insensitively (``roberta-large-mnli``
+    says CONTRADICTION, NEUTRAL, ENTAILMENT; the ``mnli`` task entailment, neutral, contradiction).
+
+    Names that do not match keep the checkpoint's order, with a warning naming both lists.
+    """
+    from .base import ModelSpecError
+
+    key = [n.lower() for n in own]
+    if sorted(key) != sorted(n.lower() for n in wanted):
+        log.warning("the checkpoint's labels %s are not the task's %s: its outputs keep their order "
+                    "(output i is read as the task's label i)", own, wanted)
+        return
+    order = [key.index(n.lower()) for n in wanted]
+    if order == list(range(len(order))):
+        return
+    prefix = getattr(model, "base_model_prefix", "")
+    heads = [m for name, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == len(order)
+             and not (prefix and name.startswith(prefix + "."))]
+    if not heads:
+        raise ModelSpecError(f"cannot find the output layer of {type(model).__name__} to put its labels {own} "
+                             f"in the task's order {wanted}")
+    out = heads[-1]
+    with torch.no_grad():
+        out.weight.copy_(out.weight[order])
+        if out.bias is not None:
+            out.bias.copy_(out.bias[order])
+    log.info("checkpoint labels %s reordered to the task's %s", own, wanted)
 
 
 #: ``head`` option of ``hf:`` models -> builder (lazy "module:attr", so prompt code loads only when used).
