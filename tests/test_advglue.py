@@ -79,6 +79,9 @@ def test_load_errors_say_what_is_wrong(tmp_path, release_file):
         load_advglue(tmp_path / "missing.json")
     with pytest.raises(AdvGLUEError, match="has no"):
         load_advglue({"sst2": RELEASE["sst2"]}, ["qqp"])
+    (tmp_path / "folder").mkdir()  # an existing folder is never taken for a hub id
+    with pytest.raises(AdvGLUEError, match="folder without dev.json"):
+        load_advglue(tmp_path / "folder")
 
 
 def test_write_advglue_reloads_identically(tmp_path, release_file):
@@ -122,6 +125,16 @@ def test_evaluate_constant_models_exactly(release_file):
     table = advglue_markdown(result)
     assert "| qqp | 2 | 50.0 | 66.7 | 58.3 |" in table
     assert f"**{100 * expected:.1f}**" in table
+
+
+def test_empty_tasks_score_nothing(tmp_path):
+    # what advgen writes when no attack passes the filters: a task with an empty list
+    path = write_advglue(tmp_path / "empty.json", {"sst2": [], "qqp": []})
+    adapters = {"sst2": Constant(["sentence"], 2), "qqp": Constant(["question1", "question2"], 2)}
+    result = evaluate_advglue(adapters, path)
+    assert result["tasks"]["qqp"] == {"n": 0, "accuracy": None, "f1": None}
+    assert result["score"] is None and result["groups"] == {}
+    assert "| qqp | 0 | — | — | — |" in advglue_markdown(result)
 
 
 def test_labels_are_mapped_by_name(release_file):

@@ -52,4 +52,8 @@ def advgen(adapter, examples: list[dict], attack, out_path: str | Path, work_dir
     write_advglue(out_path, {key: items})
     log.info("advgen: %d of %d examples kept (%d successful attacks) -> %s", len(kept), len(examples), len(wins),
              out_path)
+    if not kept:
+        log.warning("advgen kept no example (%d successful attacks, %d changed too many words, %d too dissimilar): "
+                    "%s holds an empty %s list", len(wins), counts["too_many_words_changed"], counts["too_dissimilar"],
+                    out_path, key)
     return counts

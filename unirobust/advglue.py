@@ -154,6 +154,9 @@ def load_advglue(source: str | Path | Mapping, tasks: Sequence[str] | None = Non
     else:
         path = Path(source).expanduser()
         if path.is_dir():
+            if not (path / "dev.json").exists():
+                raise AdvGLUEError(f"{path} is a folder without dev.json (the AdvGLUE release's file name); "
+                                   f"give the .json file itself")
             path = path / "dev.json"
         if not path.exists():
             text = str(source)
@@ -214,9 +217,11 @@ def accuracy_f1(pred: Sequence[int], labels: Sequence[int]) -> tuple[float, floa
     return acc, f1
 
 
-def task_score(key: str, metrics: Mapping[str, float], prefix: str = "") -> float:
-    """One task's score: accuracy, or for QQP the mean of accuracy and F1."""
+def task_score(key: str, metrics: Mapping[str, float], prefix: str = "") -> float | None:
+    """One task's score: accuracy, or for QQP the mean of accuracy and F1 (None for an empty task)."""
     acc = metrics[prefix + "accuracy"]
+    if acc is None:
+        return None
     return (acc + metrics[prefix + "f1"]) / 2 if key in F1_TASKS else acc
 
 
@@ -301,8 +306,10 @@ def _measure(key: str, adapter, ds, label_names, batch_size: int, accelerator) -
     mapping = _label_map(key, label_names, adapter.num_classes)
     pred, labels = predict_examples(adapter, _examples(key, ds, adapter.text_fields, mapping), batch_size, accelerator)
     out = {"n": len(labels), "accuracy": sum(p == y for p, y in zip(pred, labels)) / len(labels) if labels else None}
-    if key in F1_TASKS:  # F1 of GLUE's label 1 (duplicate), whatever index the model gives it
+    if key in F1_TASKS and labels:  # F1 of GLUE's label 1 (duplicate), whatever index the model gives it
         out["f1"] = accuracy_f1([int(p == mapping[1]) for p in pred], [int(y == mapping[1]) for y in labels])[1]
+    elif key in F1_TASKS:
+        out["f1"] = None
     return out
 
 
@@ -350,7 +357,7 @@ def evaluate_advglue(adapters, source, benign=None, batch_size: int = 64, accele
         if key in clean:
             b = _measure(key, by_key[key], clean[key], names, batch_size, accelerator)
             results[key].update({f"benign_{m}": v for m, v in b.items()})
-        log.info("AdvGLUE %s: accuracy %.4f on %d examples", key, results[key]["accuracy"], results[key]["n"])
+        log.info("AdvGLUE %s: accuracy %s on %d examples", key, _pct(results[key]["accuracy"]), results[key]["n"])
     return {"tasks": results, "groups": group_scores(results), "score": advglue_score(results),
             "benign_score": advglue_score(results, "benign_") if clean else None}
 
