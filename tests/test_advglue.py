@@ -192,3 +192,21 @@ def test_advglue_task_loader(release_file, tmp_path):
 
         data = load_task(get_task("advglue-sst2", {"source": {"path": str(release_file)}}))
         assert len(data.test) == 3 and len(data.train) == 0
+
+
+@pytest.mark.parametrize("task,source,message", [
+    ("digits", "adv_glue", "matches no AdvGLUE task"),
+    ("sst2-sample", "{tmp}/missing.json", "not found"),
+    ("sst2-sample", "{tmp}/qqp_only.json", "none of the AdvGLUE tasks"),
+])
+def test_eval_checks_advglue_before_attacking(capsys, tmp_path, monkeypatch, task, source, message):
+    import unirobust.evaluate
+    from unirobust.cli import main
+
+    write_advglue(tmp_path / "qqp_only.json", {"qqp": RELEASE["qqp"]})
+    attacked = []
+    monkeypatch.setattr(unirobust.evaluate, "evaluate", lambda *a, **k: attacked.append(1) or {})
+    spec = "timm:test_resnet" if task == "digits" else "hf:sentence-transformers/all-MiniLM-L6-v2"
+    code = main(["eval", spec, "--task", task, "--advglue", source.format(tmp=tmp_path), "task.max_eval=8"])
+    assert code == 2 and message in capsys.readouterr().err
+    assert attacked == []

@@ -89,6 +89,29 @@ def test_parse_attack():
         parse_attack("pgd:eps")
 
 
+@pytest.mark.parametrize("argv,overrides", [
+    (["eval", "runs/x", "--attack", "pgd", "task.max_eval=200", "seed=3"], ["task.max_eval=200", "seed=3"]),
+    (["eval", "runs/x", "seed=3", "--attack", "pgd", "task.max_eval=200"], ["seed=3", "task.max_eval=200"]),
+    (["run", "r.yaml", "--resume", "train.epochs=1"], ["train.epochs=1"]),
+    (["advgen", "runs/x", "--out", "a.json", "task.max_eval=9"], ["task.max_eval=9"]),
+])
+def test_overrides_may_follow_options(argv, overrides):
+    from unirobust.cli import build_parser, parse_with_late_overrides
+
+    assert parse_with_late_overrides(build_parser(), argv).overrides == overrides
+
+
+def test_stray_words_after_options_are_still_rejected(capsys):
+    from unirobust.cli import build_parser, parse_with_late_overrides
+
+    for argv in (["eval", "runs/x", "--attack", "pgd", "oops"], ["eval", "runs/x", "--no-such-option"],
+                 ["list", "tasks", "seed=1"]):
+        with pytest.raises(SystemExit) as exc:
+            parse_with_late_overrides(build_parser(), argv)
+        assert exc.value.code == 2
+        assert "unrecognized arguments" in capsys.readouterr().err
+
+
 def test_bad_recipe_returns_2(capsys, tmp_path):
     code, out, err = run_main(capsys, "run", str(REPO / "recipes" / "digits_pgd_at.yaml"), "train.epochs=abc",
                               f"output_dir={tmp_path}")

@@ -159,8 +159,7 @@ def load_advglue(source: str | Path | Mapping, tasks: Sequence[str] | None = Non
                                    f"give the .json file itself")
             path = path / "dev.json"
         if not path.exists():
-            text = str(source)
-            if text.lower().endswith(".json") or text.startswith(("/", ".", "~")) or len(Path(text).parts) > 2:
+            if _looks_like_path(str(source)):
                 raise AdvGLUEError(f"AdvGLUE file not found: {path}")
             return _from_hub(str(source), list(tasks or HUB_CONFIGS), {k: (c, "validation") for k, c in HUB_CONFIGS.items()})
         try:
@@ -176,6 +175,11 @@ def load_advglue(source: str | Path | Mapping, tasks: Sequence[str] | None = Non
     if missing:
         raise AdvGLUEError(f"{where} has no {missing} (has {sorted(raw)})")
     return {k: _dataset(_items(k, raw[k], where)) for k in keys}
+
+
+def _looks_like_path(text: str) -> bool:
+    """A file name rather than a hub id (``adv_glue``, ``owner/name``)."""
+    return text.lower().endswith(".json") or text.startswith(("/", ".", "~")) or len(Path(text).parts) > 2
 
 
 def load_glue_dev(source: str | Path | Mapping, tasks: Sequence[str]) -> dict:
@@ -362,6 +366,22 @@ def evaluate_advglue(adapters, source, benign=None, batch_size: int = 64, accele
             "benign_score": advglue_score(results, "benign_") if clean else None}
 
 
+def check_advglue_source(task, source) -> list[str]:
+    """The AdvGLUE task keys of ``task`` (its ``advglue`` field, a key or a list, else those whose GLUE
+    fields are its ``text_fields``), having checked that a local ``source`` reads and holds one of
+    them: ``unirobust eval`` calls this before its attacks, so a wrong ``--advglue`` fails at once."""
+    keys = getattr(task, "advglue", None)
+    keys = [keys] if isinstance(keys, str) else list(keys) if keys else keys_for(task.text_fields, task.num_classes)
+    if not keys:
+        raise AdvGLUEError(f"task {task.name!r} (fields {task.text_fields}) matches no AdvGLUE task; AdvGLUE "
+                           f"covers {', '.join(f'{k} {list(f)}' for k, f in GLUE_FIELDS.items())}")
+    if isinstance(source, Mapping) or Path(str(source)).expanduser().exists() or _looks_like_path(str(source)):
+        available = load_advglue(source)
+        if not set(keys) & set(available):
+            raise AdvGLUEError(f"{source} has none of the AdvGLUE tasks of {task.name!r} {keys} (has {sorted(available)})")
+    return keys
+
+
 def run_advglue_eval(adapter, task, source, accelerator=None, batch_size: int = 64, benign=None) -> dict:
     """``unirobust eval <run> --advglue <hub id | file>``: the run's adapter on the AdvGLUE tasks of its task.
 
@@ -369,11 +389,7 @@ def run_advglue_eval(adapter, task, source, accelerator=None, batch_size: int = 
     whose GLUE fields are the task's ``text_fields``. Returns :func:`evaluate_advglue`'s result plus
     ``"markdown"`` (the table) and ``"source"``.
     """
-    keys = getattr(task, "advglue", None)
-    keys = [keys] if isinstance(keys, str) else list(keys) if keys else keys_for(task.text_fields, task.num_classes)
-    if not keys:
-        raise AdvGLUEError(f"task {task.name!r} (fields {task.text_fields}) matches no AdvGLUE task; AdvGLUE "
-                           f"covers {', '.join(f'{k} {list(f)}' for k, f in GLUE_FIELDS.items())}")
+    keys = check_advglue_source(task, source)
     result = evaluate_advglue({k: adapter for k in keys}, source, benign=benign, batch_size=batch_size,
                               accelerator=accelerator, tasks=keys, label_names=list(task.labels))
     result["source"] = str(source)

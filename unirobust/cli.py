@@ -95,6 +95,10 @@ def cmd_eval(args) -> int:
 
     from .train import make_accelerator
 
+    if args.advglue:  # a wrong file or task fails now, not after the attacks
+        from .advglue import check_advglue_source
+
+        check_advglue_source(task, args.advglue)
     accelerator = make_accelerator(recipe)
     batch_size = args.batch_size or recipe.eval.batch_size
     run_folder = target if (target / "recipe.yaml").exists() else None
@@ -313,13 +317,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_with_late_overrides(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args``, except that ``key=value`` overrides may also come after options
+    (``unirobust eval runs/x --attack pgd task.max_eval=200``): argparse alone gives a ``nargs="*"``
+    positional only the words before the first option, and rejects the rest."""
+    args, extra = parser.parse_known_args(argv)
+    late = [w for w in extra if "=" in w and not w.startswith("-")] if hasattr(args, "overrides") else []
+    if len(late) != len(extra):
+        parser.error(f"unrecognized arguments: {' '.join(w for w in extra if w not in late)}")
+    if late:
+        args.overrides = [*args.overrides, *late]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     if argv[:1] == ["launch"] and not {"-h", "--help"} & set(argv[1:argv.index("--") if "--" in argv else None]):
         args = argparse.Namespace(command="launch", rest=argv[1:], verbose=False)  # options belong to accelerate
     else:
-        args = parser.parse_args(argv)
+        args = parse_with_late_overrides(parser, argv)
     import os
 
     quiet = os.environ.get("LOCAL_RANK", "0") != "0"  # under `launch`, only local rank 0 logs progress
