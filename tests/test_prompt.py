@@ -227,6 +227,24 @@ def test_verbalizer_errors(mlm_model, tokenizer):
     assert verbalizer_words(None, ["negative", "positive"]) == [["negative"], ["positive"]]
     with pytest.raises(ModelSpecError, match="missing"):
         verbalizer_words({"negative": "bad"}, ["negative", "positive"])
+    # what YAML makes of `entailment: [yes]` and of labels written 0 / 1
+    import yaml
+
+    for text in ("{entailment: [yes], contradiction: [no]}", "{entailment: yes, contradiction: no}"):
+        with pytest.raises(ModelSpecError, match="must be strings.*quote them"):
+            verbalizer_words(yaml.safe_load(text), ["entailment", "contradiction"])
+    assert verbalizer_words(yaml.safe_load("{0: bad, 1: good}"), ["0", "1"]) == [["bad"], ["good"]]
+
+
+def test_tokenizer_that_adds_no_special_tokens_is_refused(mlm_model, tokenizer):
+    """A generic ``PreTrainedTokenizerFast`` (ModernBERT's kind) reports special tokens it never builds:
+    the prompt layout would silently lose [CLS] / [SEP]."""
+    from transformers import PreTrainedTokenizerFast
+
+    generic = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, cls_token="[CLS]",
+                                      sep_token="[SEP]", mask_token="[MASK]", pad_token="[PAD]", unk_token="[UNK]")
+    with pytest.raises(ModelSpecError, match="special tokens"):
+        PromptAdapter(mlm_model, generic, 2, ["sentence"], [SST_TEMPLATE], SST_WORDS)
 
 
 def test_predict_uses_the_prompt(mlm_model, tokenizer, sentences):
@@ -261,6 +279,34 @@ def test_build_hf_head_prompt_picks_the_scorer(tmp_path, tokenizer, bert_config)
         load_weights(again, tmp_path / "w.safetensors")
     with pytest.raises(ModelSpecError, match="unknown model head"):
         build_model(str(tmp_path / "BertModel"), task, head="nonsense")
+
+
+def test_features_of_any_layer(mlm_model, encoder_model, tokenizer, sentences):
+    """``features(z, batch, layer=i)`` (what DVERGE's ``layer`` uses) is hidden state ``i`` at the mask."""
+    for model, scorer in ((mlm_model, "mlm"), (encoder_model, "embedding")):
+        adapter = sst_prompt(model, tokenizer, scorer=scorer)
+        batch = adapter.collate(sentences)
+        z = adapter.embed(batch)
+        with torch.no_grad():
+            first, last = adapter.features(z, batch, layer=1), adapter.features(z, batch)
+        assert first.shape == last.shape == (len(sentences), 32)
+        assert not torch.allclose(first, last)
+        with torch.no_grad():
+            assert torch.equal(adapter.features(z, batch, layer=-1), last)
+
+
+def test_freeze_embeddings_with_a_prompt_head(tmp_path, tokenizer, bert_config):
+    from transformers import BertModel
+
+    from unirobust.models import build_model
+    from unirobust.tasks import get_task
+
+    BertModel(bert_config()).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    adapter = build_model(str(tmp_path), get_task("sst2-sample"), head="prompt", templates=[SST_TEMPLATE],
+                          verbalizer=SST_WORDS, freeze_embeddings=True)
+    assert not adapter.model.get_input_embeddings().weight.requires_grad
+    assert any(p.requires_grad for p in adapter.model.parameters())
 
 
 # ----------------------------------------------------------------------------- vision
@@ -344,3 +390,24 @@ def test_every_registered_attack_runs_unchanged(encoder_model, tokenizer, pairs)
         z = build_attack({"name": name, **short}, budget)(adapter, batch)
         assert z.shape == z0.shape, name
         assert torch.equal(z[fixed], z0[fixed]), name
+
+
+def test_visual_prompt_on_a_pretrained_backbone_keeps_its_channels(tmp_path, digits_task, digits_test_batch):
+    """A 1-channel task on a "pretrained" 3-channel backbone (weights from a local file, as the hub
+    would give them): the backbone keeps its 3 input channels and the image is repeated into them."""
+    import timm
+    from safetensors.torch import save_file
+
+    from unirobust.models import build_model
+
+    torch.manual_seed(0)
+    save_file(timm.create_model("test_resnet").state_dict(), tmp_path / "w.safetensors")
+    adapter = build_model("timm:test_resnet", digits_task, pretrained=True, head="prompt", prompt_size=2,
+                          pretrained_cfg_overlay={"file": str(tmp_path / "w.safetensors")}, feature_layer=1)
+    assert adapter.in_chans == 3 and adapter.mean.shape == (1, 3, 1, 1)
+    batch = {k: v[:4] for k, v in digits_test_batch.items()}
+    z = adapter.embed(batch)
+    with torch.no_grad():
+        assert adapter.logits(z, batch).shape == (4, digits_task.num_classes)
+        inner = adapter.features(z, batch)  # stage 1 of the backbone (feature_layer), not pre-logits
+        assert not torch.equal(inner, adapter.features(z, batch, layer=-1))

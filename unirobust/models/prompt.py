@@ -176,6 +176,13 @@ class PromptAdapter(TextAdapter):
         self.scorer = scorer
         self.templates = list(templates)
         self.verbalizer = [list(ws) for ws in verbalizer]
+        for pair in (False, True):
+            built = tokenizer.build_inputs_with_special_tokens([], [] if pair else None)
+            if len(built) != tokenizer.num_special_tokens_to_add(pair=pair):
+                raise ModelSpecError(f"{type(tokenizer).__name__} builds {len(built)} special tokens around "
+                                     f"{'a pair' if pair else 'one text'} but reports "
+                                     f"{tokenizer.num_special_tokens_to_add(pair=pair)}: head: prompt cannot lay out "
+                                     f"its templates with it (load the model's own tokenizer class)")
         self._enc = _Encoder(tokenizer)
         self._uses_types = "token_type_ids" in tokenizer.model_input_names
         self._parsed = [self._compile(parse_template(t, self.text_fields, tokenizer.mask_token)) for t in self.templates]
@@ -380,45 +387,52 @@ class PromptAdapter(TextAdapter):
 
     forward = logits
 
-    def features(self, z: Tensor, batch: dict) -> Tensor:
-        """Hidden state of layer ``feature_layer`` at the mask, averaged over templates (B x D)."""
+    def features(self, z: Tensor, batch: dict, layer: int | None = None) -> Tensor:
+        """Hidden state of layer ``feature_layer`` (or ``layer``) at the mask, averaged over templates (B x D)."""
         B = z.shape[0]
         e, inputs, pos = self._all_templates(z, batch)
         rows = torch.arange(e.shape[0], device=e.device)
         ctx = self._decode_only(pos) if self.scorer == "mlm" else contextlib.nullcontext()
         with ctx:
             out = self.model(inputs_embeds=e, output_hidden_states=True, **inputs)
-        h = out.hidden_states[self.feature_layer][rows, pos]
+        h = out.hidden_states[self.feature_layer if layer is None else layer][rows, pos]
         return h.reshape(B, -1, h.shape[-1]).mean(1)
 
 
 def verbalizer_words(verbalizer: Mapping[str, Any] | Sequence | None, labels: Sequence[str]) -> list[list[str]]:
     """Per class, its words: from ``{label name: word or [words]}`` or a per-class list; default the label names."""
     if verbalizer is None:
-        return [[name] for name in labels]
+        return [[str(name)] for name in labels]
     if isinstance(verbalizer, Mapping):
-        unknown = set(map(str, verbalizer)) - set(labels)
-        missing = [name for name in labels if name not in verbalizer]
+        by_name = {str(k): v for k, v in verbalizer.items()}  # YAML reads a label 0 as an int
+        unknown = set(by_name) - set(map(str, labels))
+        missing = [str(name) for name in labels if str(name) not in by_name]
         if unknown or missing:
             raise ModelSpecError(f"verbalizer keys must be the task's labels {list(labels)}"
                                  + (f"; unknown: {sorted(unknown)}" if unknown else "")
                                  + (f"; missing: {missing}" if missing else ""))
-        items = [verbalizer[name] for name in labels]
+        items = [by_name[str(name)] for name in labels]
     else:
         items = list(verbalizer)
-    return [[w] if isinstance(w, str) else [str(x) for x in w] for w in items]
+    words = [[w] if isinstance(w, str) else w for w in items]
+    for c, ws in enumerate(words):
+        if not isinstance(ws, (list, tuple)) or not all(isinstance(w, str) for w in ws):
+            raise ModelSpecError(f"verbalizer words of {labels[c]!r} must be strings, got {ws!r} (YAML reads "
+                                 f"unquoted yes / no / true / false / on / off as booleans: quote them, \"yes\")")
+    return [list(ws) for ws in words]
 
 
 def build_prompt_hf(path: str, task, tokenizer, templates: Sequence[str] | str | None = None,
                     verbalizer: Mapping | Sequence | None = None, scorer: str = "auto", pretrained: bool = True,
-                    max_length: int = 128, feature_layer: int = -1, **kwargs) -> PromptAdapter:
+                    max_length: int = 128, feature_layer: int = -1, freeze_embeddings: bool = False,
+                    **kwargs) -> PromptAdapter:
     """``head: prompt`` of ``hf:<model>``: ``AutoModelForMaskedLM`` read through templates + verbalizer.
 
     ``scorer``: ``mlm`` (the checkpoint's MLM head), ``embedding`` (mask hidden state x tied input
     embeddings, no head) or ``auto`` (``mlm`` if the checkpoint has a complete MLM head, else
     ``embedding``: a head that would be randomly initialised is dropped). ``templates`` and
     ``verbalizer`` default to the task's fields of those names if it has them; the verbalizer
-    defaults to the label names themselves.
+    defaults to the label names themselves. ``freeze_embeddings``: as for ``head: classifier``.
     """
     from transformers import AutoConfig, AutoModelForMaskedLM
     from transformers.utils import logging as hf_logging
@@ -447,6 +461,8 @@ def build_prompt_hf(path: str, task, tokenizer, templates: Sequence[str] | str |
     elif head_missing:
         log.warning("%s has no complete masked-LM head (%d weights newly initialised); scorer 'embedding' "
                     "avoids a random head", path, len(info["missing_keys"]))
+    if freeze_embeddings:
+        model.get_input_embeddings().requires_grad_(False)
     log.info("prompt head: %d template(s), scorer %s", len(templates or []), scorer)
     return PromptAdapter(model, tokenizer, task.num_classes, task.text_fields, templates or [], words, scorer,
                          max_length, feature_layer)
@@ -467,9 +483,10 @@ class VisualPromptAdapter(VisionAdapter):
 
     def __init__(self, net: nn.Module, num_classes: int, image_size: int, prompt_size: int, prompt: str = "pad",
                  label_map: Sequence | None = None, in_chans: int = 3, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None, freeze_backbone: bool = True):
+                 std: Sequence[float] | None = None, freeze_backbone: bool = True,
+                 feature_layer: int | None = None):
         super().__init__(net, num_classes, mean if mean is not None else [0.5] * in_chans,
-                         std if std is not None else [0.5] * in_chans)
+                         std if std is not None else [0.5] * in_chans, feature_layer)
         if prompt not in ("pad", "patch"):
             raise ModelSpecError(f"visual prompt {prompt!r}; valid: pad, patch")
         limit = image_size // 2 if prompt == "pad" else image_size
@@ -527,32 +544,38 @@ class VisualPromptAdapter(VisionAdapter):
 
     forward = logits
 
-    def features(self, z: Tensor, batch: dict | None = None) -> Tensor:
-        return super().features(self.apply_prompt(z), batch)
+    def features(self, z: Tensor, batch: dict | None = None, layer: int | None = None) -> Tensor:
+        return super().features(self.apply_prompt(z), batch, layer)
 
 
 def build_visual_prompt(arch: str, task, pretrained: bool = False, prompt: str = "pad", prompt_size: int = 4,
                         image_size: int | None = None, label_map: Sequence | None = None,
                         source_classes: int | None = None, freeze_backbone: bool = True,
                         in_chans: int | None = None, mean: Sequence[float] | None = None,
-                        std: Sequence[float] | None = None, **kwargs) -> VisualPromptAdapter:
+                        std: Sequence[float] | None = None, feature_layer: int | None = None,
+                        **kwargs) -> VisualPromptAdapter:
     """``head: prompt`` of ``timm:<arch>``: visual prompting onto an existing classifier.
 
     ``source_classes``: outputs of the backbone (default: the pretrained head's, else the task's);
     ``image_size``: the backbone's input side (default: the task's image side + 2 x ``prompt_size``
-    for ``pad``); ``in_chans``: backbone channels (default the task's; a 1-channel task feeds a
-    3-channel backbone by repetition); ``mean`` / ``std``: the backbone's normalisation (default its
-    pretrained config, else the task's). Other options go to ``timm.create_model``.
+    for ``pad``); ``in_chans``: backbone channels (default: a pretrained backbone's own, else the
+    task's; a 1-channel task feeds a 3-channel backbone by repetition); ``mean`` / ``std``: the
+    backbone's normalisation (default its pretrained config, else the task's); ``feature_layer``: as
+    for ``head: classifier``. Other options go to ``timm.create_model``.
     """
     import timm
 
     channels = task.image_shape[0]
-    in_chans = in_chans or channels
     if source_classes is not None:
         kwargs["num_classes"] = source_classes
     elif not pretrained:
         kwargs["num_classes"] = task.num_classes
-    net = timm.create_model(arch, pretrained=pretrained, in_chans=in_chans, **kwargs)
+    if in_chans is None and pretrained:  # the pretrained first layer as it is, not re-summed for other channels
+        net = timm.create_model(arch, pretrained=True, **kwargs)
+        in_chans = int(net.pretrained_cfg.get("input_size", (3,))[0]) if getattr(net, "pretrained_cfg", None) else 3
+    else:
+        in_chans = in_chans or channels
+        net = timm.create_model(arch, pretrained=pretrained, in_chans=in_chans, **kwargs)
     if image_size is None:
         side = max(task.image_shape[1:])
         image_size = side + 2 * prompt_size if prompt == "pad" else side
@@ -563,4 +586,4 @@ def build_visual_prompt(arch: str, task, pretrained: bool = False, prompt: str =
         std = cfg.get("std") if pretrained and cfg.get("std") else (task.std if in_chans == channels else None)
     return VisualPromptAdapter(net, task.num_classes, image_size, prompt_size, prompt, label_map, in_chans,
                                list(mean) if mean is not None else None, list(std) if std is not None else None,
-                               freeze_backbone)
+                               freeze_backbone, feature_layer)
