@@ -10,6 +10,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from unirobust.recipe import RecipeError
+
 TINY = {
     "name": "tiny",
     "seed": 0,
@@ -59,14 +61,56 @@ def test_resume_after_crash_ends_with_same_weights(tmp_path, monkeypatch):
     assert not (run_dir / "model.safetensors").exists()
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_4"]
     monkeypatch.setattr(train, "save_checkpoint", original)
+    other = load_recipes(recipe_file, [f"output_dir={tmp_path / 'crashed'}", "train.lr=0.001"])[0]
+    with pytest.raises(RecipeError, match="another recipe"):  # a checkpoint of another recipe is not resumed
+        execute(other, resume=True, evaluate_after=False)
     metrics = execute(crashed, resume=True, evaluate_after=False)
     assert metrics["train"]["steps"] == 12
+    # the history of the epoch the crash cut in two is whole again (its sums are in the checkpoint)
+    reference = json.loads((tmp_path / "full" / "tiny" / "metrics.json").read_text())["train"]["history"]
+    assert [h["epoch"] for h in metrics["train"]["history"]] == [0, 1]
+    for ours, theirs in zip(metrics["train"]["history"], reference):
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-6)
+        assert ours["train_accuracy"] == theirs["train_accuracy"]
 
     a = load_file(tmp_path / "full" / "tiny" / "model.safetensors")
     b = load_file(run_dir / "model.safetensors")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+
+
+def test_checkpoints_ignore_half_written_folders(tmp_path):
+    from unirobust.train import checkpoints, latest_checkpoint
+
+    for name in ("step_2", "step_10", "step_12.tmp", "step_x", "step_4"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+        (tmp_path / "checkpoints" / name / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoints" / "step_4" / "trainer_state.json").unlink()  # killed before its state
+    assert [p.name for p in checkpoints(tmp_path)] == ["step_2", "step_10"]
+    assert latest_checkpoint(tmp_path).name == "step_10"
+
+
+def test_fresh_run_starts_clean_and_grad_accum_keeps_every_epoch(tmp_path):
+    """4 batches per epoch with grad_accum 3: 2 optimizer steps per epoch (accelerate syncs at the end
+    of the loader), so 2 epochs are 4 steps. A fresh run into a used folder drops its checkpoints
+    and results (they would pass for this run's)."""
+    from unirobust.recipe import load_recipes
+    from unirobust.runs import execute
+
+    run = tmp_path / "runs" / "tiny"
+    (run / "checkpoints" / "step_99").mkdir(parents=True)
+    (run / "checkpoints" / "step_99" / "trainer_state.json").write_text('{"step": 99}')
+    (run / "metrics.json").write_text("{}")
+    (run / "eval.json").write_text("{}")
+    recipe_file = write_recipe(tmp_path / "tiny.yaml", output_dir=str(tmp_path / "runs"))
+    recipe = load_recipes(recipe_file, ["task.max_train=128", "train.grad_accum=3", "train.checkpoint_every=1",
+                                        "defense.name=erm", "defense.attack=null"])[0]
+    metrics = execute(recipe, evaluate_after=False)
+    assert metrics["train"]["steps"] == 4
+    assert [h["epoch"] for h in metrics["train"]["history"]] == [0, 1]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_3", "step_4"]
+    assert not (run / "eval.json").exists()
 
 
 @pytest.mark.slow

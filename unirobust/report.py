@@ -15,12 +15,28 @@ PACKAGES = ("unirobust", "torch", "transformers", "timm", "accelerate", "dataset
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder, flushed to disk, then renamed:
+    readers see the old file or the new one, never a part. The file gets the umask's usual mode
+    (``mkstemp`` alone would leave it 0600); the temp file is removed if anything fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def environment() -> dict:
@@ -42,8 +58,15 @@ def save_weights(adapter, path: Path) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".safetensors")
     os.close(fd)
-    save_model(adapter, tmp)
-    os.replace(tmp, path)
+    try:
+        save_model(adapter, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def load_weights(adapter, path: Path) -> None:

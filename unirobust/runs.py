@@ -16,6 +16,10 @@ from .tasks import labels_of, load_task
 log = logging.getLogger("unirobust")
 
 
+#: what a finished run leaves in its folder (removed when the folder is trained again from the start)
+RESULTS = ("model.safetensors", "metrics.json", "report.md", "per_class.png", "eval.json")
+
+
 def run_dir_of(recipe: Recipe) -> Path:
     return Path(recipe.output_dir) / recipe.name
 
@@ -73,6 +77,9 @@ def execute(recipe: Recipe, resume: bool = False, train: bool = True, evaluate_a
     set_seed(recipe.seed)
     task = recipe.resolved_task
     main = accelerator.is_main_process
+    if main and train and not resume:  # an earlier run's results must not pass for this one's
+        for name in RESULTS:
+            (run_dir / name).unlink(missing_ok=True)
     with LogToFile(run_dir / ("log.txt" if main else f"log.{accelerator.process_index}.txt")):
         if main:
             atomic_write(run_dir / "recipe.yaml", recipe.to_yaml())

@@ -4,15 +4,20 @@ The defense computes the loss (``defense.loss(view, batch)``); the loop only ste
 ``view`` routes ``logits`` through the (possibly DDP-wrapped) model so gradients synchronise, while
 attacks reach the plain adapter through ``view.unwrapped`` (DESIGN: never attack through DDP).
 Checkpoints (``accelerator.save_state``: safetensors weights, optimizer, scheduler, RNG states) every
-``train.checkpoint_every`` steps make runs resumable; a resumed run ends with the same weights.
+``train.checkpoint_every`` steps make runs resumable; a resumed run ends with the same weights and
+the same training history (``trainer_state.json`` holds the step, the finished epochs' history, the
+running epoch's sums, the elapsed time and a hash of the recipe, so ``--resume`` refuses a checkpoint
+of another recipe). A run that is not resumed starts with no checkpoints.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -22,7 +27,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from .defenses import build_defense
-from .recipe import Recipe
+from .recipe import Recipe, RecipeError
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +105,33 @@ def make_schedule(optimizer, cfg, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+_CHECKPOINT = re.compile(r"step_(\d+)")
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The run's finished checkpoints ``checkpoints/step_<n>``, oldest first (a ``step_<n>.tmp`` that
+    a crash left half-written is not one)."""
+    found = [(int(m.group(1)), p) for p in (run_dir / "checkpoints").glob("step_*")
+             if (m := _CHECKPOINT.fullmatch(p.name)) and (p / "trainer_state.json").exists()]
+    return [p for _, p in sorted(found)]
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = sorted((run_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-    ckpts = [c for c in ckpts if (c / "trainer_state.json").exists()]
-    return ckpts[-1] if ckpts else None
+    found = checkpoints(run_dir)
+    return found[-1] if found else None
 
 
-def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int = 2) -> None:
-    """``accelerator.save_state`` into a temp folder, then rename (a crash never leaves half a checkpoint)."""
+def recipe_hash(recipe: Recipe) -> str:
+    """What a checkpoint must have been trained with to be resumed: the recipe without its evaluation
+    and checkpointing settings (changing those does not change training)."""
+    dump = recipe.model_dump(mode="json", exclude={"eval", "output_dir", "description"})
+    dump["train"].pop("checkpoint_every", None)
+    return hashlib.sha256(json.dumps(dump, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict | None = None, keep: int = 2) -> None:
+    """``accelerator.save_state`` plus ``trainer_state.json`` (``{"step": step, **state}``) into a temp
+    folder, then rename (a crash never leaves half a checkpoint); keeps the ``keep`` newest."""
     final = run_dir / "checkpoints" / f"step_{step}"
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process and tmp.exists():
@@ -116,14 +140,39 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int = 2) -> Non
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(state or {})}))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        old = sorted((run_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-        for c in old[:-keep]:
+        for c in checkpoints(run_dir)[:-keep]:
             shutil.rmtree(c, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def clear_checkpoints(accelerator, run_dir: Path) -> None:
+    """A run that is not resumed starts from nothing: an earlier run's checkpoints would otherwise
+    outlive this run's (pruning keeps the highest steps) and ``--resume`` would load them."""
+    if accelerator.is_main_process and (run_dir / "checkpoints").exists():
+        shutil.rmtree(run_dir / "checkpoints")
+    accelerator.wait_for_everyone()
+
+
+def sync_buffers(model, accelerator) -> None:
+    """Rank 0's buffers (batch-norm statistics) on every rank. DDP does this at each wrapped forward;
+    attacks run on the unwrapped model before it, so without this each rank would attack with its own
+    statistics, and a resumed run (which loads rank 0's) would not continue the same run."""
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        for b in model.buffers():
+            dist.broadcast(b.data, src=0)
+
+
+def epoch_sums(accelerator, sums, stats: dict[str, float]) -> dict:
+    """The running epoch's loss / correct / count sums and defense stats, over all ranks (for a checkpoint)."""
+    keys = sorted(stats)
+    total = accelerator.reduce(torch.cat([sums, torch.tensor([stats[k] for k in keys], device=sums.device)]), "sum")
+    return {"sums": total[:3].tolist(), "stats": dict(zip(keys, total[3:].tolist()))}
 
 
 def defense_step(defense, view, batch, accelerator) -> dict:
@@ -158,7 +207,7 @@ def fit(recipe: Recipe, adapter, train_set, accelerator, run_dir: Path, resume: 
     sampler = EpochPermutation(len(train_set), recipe.seed)
     loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, collate_fn=adapter.collate,
                         generator=torch.Generator().manual_seed(recipe.seed))
-    steps_per_epoch = max(1, len(loader) // cfg.grad_accum)
+    steps_per_epoch = max(1, math.ceil(len(loader) / cfg.grad_accum))  # accelerate syncs at an epoch's end
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
     optimizer = make_optimizer([p for p in adapter.parameters() if p.requires_grad], cfg)
     schedule = make_schedule(optimizer, cfg, total * replays)
@@ -168,12 +217,29 @@ def fit(recipe: Recipe, adapter, train_set, accelerator, run_dir: Path, resume: 
     if cfg.monitor_examples and monitor_set is not None:
         monitor = RobustMonitor(monitor_set, adapter.collate, cfg.monitor_examples, task.threat, accelerator.device)
 
-    step = 0
-    if resume and (ckpt := latest_checkpoint(run_dir)) is not None:
+    step, history, elapsed, carried = 0, [], 0.0, None
+    fingerprint = recipe_hash(recipe)
+    if not resume:
+        clear_checkpoints(accelerator, run_dir)
+    elif (ckpt := latest_checkpoint(run_dir)) is None:
+        log.warning("--resume: %s has no checkpoint; training from the start", run_dir / "checkpoints")
+    else:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        if state.get("recipe_hash") != fingerprint or state["step"] > total:
+            raise RecipeError(f"--resume: {ckpt} was written by a run with another recipe (training, task, model "
+                              f"or defense differ); resume with the recipe it was trained with, or run without "
+                              f"--resume to start over")
         accelerator.load_state(str(ckpt))
-        step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+        step, history, elapsed = state["step"], state.get("history", []), state.get("seconds", 0.0)
+        carried = state.get("epoch_sums")
         log.info("resumed from %s (step %d of %d)", ckpt, step, total)
-    history, start = [], time.time()
+    if monitor is not None:  # its memory of earlier epochs, for the overfitting rule
+        for entry in history:
+            monitor.pgd_history.append(entry["monitor_pgd_accuracy"])
+            monitor.fgsm_history.append(entry["monitor_fgsm_accuracy"])
+            if entry.get("catastrophic_overfitting"):
+                monitor.overfit_epochs.append(entry["epoch"])
+    start = time.time() - elapsed
     bar = tqdm(total=total, initial=step, desc=f"train {recipe.name}", disable=not accelerator.is_local_main_process,
                dynamic_ncols=True)
     epoch = step // steps_per_epoch
@@ -183,11 +249,17 @@ def fit(recipe: Recipe, adapter, train_set, accelerator, run_dir: Path, resume: 
         wrapped.train()
         sums = torch.zeros(3, device=accelerator.device)  # loss sum, correct, count
         stats: dict[str, float] = {}
+        if carried is not None:  # the resumed epoch's sums up to the checkpoint (all ranks', on rank 0)
+            if accelerator.is_main_process:
+                sums += torch.tensor(carried["sums"], device=sums.device)
+                stats.update(carried["stats"])
+            carried = None
         for i, batch in enumerate(loader):
             if i < skip:
                 continue
             for _ in range(replays):
                 with accelerator.accumulate(wrapped):
+                    sync_buffers(view.unwrapped, accelerator)
                     out = defense_step(defense, view, batch, accelerator)
                     if cfg.grad_clip and accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
@@ -205,7 +277,9 @@ def fit(recipe: Recipe, adapter, train_set, accelerator, run_dir: Path, resume: 
                 bar.update(1)
                 bar.set_postfix(loss=f"{out['loss'].item():.3f}", epoch=epoch)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                    save_checkpoint(accelerator, run_dir, step)
+                    save_checkpoint(accelerator, run_dir, step, {
+                        "recipe_hash": fingerprint, "history": history, "seconds": time.time() - start,
+                        "epoch_sums": epoch_sums(accelerator, sums, stats)})
                 if step >= total:
                     break
         sums = accelerator.reduce(sums, reduction="sum")
