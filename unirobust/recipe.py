@@ -209,7 +209,12 @@ class Recipe(Strict):
         return self._task
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The resolved recipe: every default filled in, and the task written out whole (threat model,
+        data source, labels), so the run folder does not depend on task files or the directory."""
+        dump = self.model_dump(mode="json")
+        if self._task is not None:
+            dump["task"] = self._task.model_dump(mode="json", exclude_none=True)
+        return yaml.safe_dump(dump, sort_keys=False)
 
 
 # ----------------------------------------------------------------------------- loading

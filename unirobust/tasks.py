@@ -168,8 +168,18 @@ def task_file(name: str) -> Path:
     return tasks[name]
 
 
+#: fields that make a recipe's ``task:`` a whole task (a run folder's recipe.yaml records it so)
+WHOLE_TASK = {"modality", "labels", "threat", "source"}
+
+
 def get_task(name: str, overrides: dict[str, Any] | None = None) -> Task:
-    """The task called ``name`` (or at a .yaml path), with recipe ``overrides`` merged in."""
+    """The task called ``name`` (or at a .yaml path), with recipe ``overrides`` merged in.
+
+    Overrides that are a whole task (a run's resolved ``recipe.yaml``) are the task: no task file is
+    read, so a run folder means the same task and threat model from any directory, whatever the
+    task files say today."""
+    if WHOLE_TASK <= set(overrides or {}):
+        return Task.model_validate({"name": name, **overrides})
     path = task_file(name)
     with open(path) as f:
         raw = yaml.safe_load(f) or {}
