@@ -334,3 +334,11 @@ def test_checkpoint_head_for_another_number_of_labels_is_replaced(tmp_path, toke
         adapter = build_hf(str(path), nli_task(["entailment", "not_entailment"]))
     assert adapter.model.classifier.out_features == 2
     assert "the head is new" in caplog.text
+
+
+def test_unknown_model_option_is_a_model_spec_error(digits_task):
+    from unirobust.models import build_model
+    from unirobust.models.base import ModelSpecError
+
+    with pytest.raises(ModelSpecError, match="does not take an option.*drop_rat"):
+        build_model("timm:test_resnet", digits_task, drop_rat=0.1)

@@ -137,6 +137,23 @@ def test_run_folder_and_eval_of_saved_run(tmp_path):
     assert again["clean_accuracy"] == metrics["eval"]["clean_accuracy"]
     assert again["robust_accuracy"] == metrics["eval"]["robust_accuracy"]
 
+    # Random starts are seeded: the same numbers on every call; eval.json says what was run.
+    random_start = ["--attack", "pgd:eps=0.1,steps=1", "--attack", "pgd:eps=0.1,steps=1"]
+    results = []
+    for i in range(2):
+        assert main(["eval", str(run), *random_start, "--output", str(tmp_path / f"r{i}.json")]) == 0
+        results.append(json.loads((tmp_path / f"r{i}.json").read_text()))
+    assert results[0]["robust_accuracy"] == results[1]["robust_accuracy"]
+    assert results[0]["seed"] == 0 and results[0]["threat"]["eps"] == 0.1 and results[0]["environment"]["packages"]
+    assert list(results[0]["attacks"]) == ["pgd(eps=0.1, steps=1)", "pgd(eps=0.1, steps=1) #2"]  # both ran
+
+    # Bad input is a usage error (exit 2) before any work, not a traceback.
+    assert main(["eval", str(run), "--attack", "pgd:eps=-1"]) == 2
+    assert main(["eval", str(run), "--task", "sst2-sample"]) == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", str(run), "--max-examples", "-5"])
+    assert exc.value.code == 2
+
 
 @pytest.mark.slow
 def test_two_processes_report_the_same_metrics(tmp_path):

@@ -68,27 +68,37 @@ def load_target(args):
 
     target = Path(args.target)
     if (target / "recipe.yaml").exists():
-        return load_run(target, args.overrides)
+        recipe, adapter = load_run(target, args.overrides)
+        if args.task and args.task != recipe.resolved_task.name:
+            raise RecipeError(f"--task {args.task} names a task for a model spec; the run {args.target} was "
+                              f"trained on {recipe.resolved_task.name!r} (change its fields with task.<field>=...)")
+        return recipe, adapter
     if not args.task:
         raise RecipeError(f"{args.target!r} is not a run folder; to evaluate a model spec, give --task")
-    from .models import build_model
+    from .models.base import build_from_config
 
     raw = {"name": "eval", "task": {"name": args.task}, "model": {"spec": args.target}}
     recipe = validate(apply_overrides(raw, args.overrides), "evaluation")
-    return recipe, build_model(recipe.model.spec, recipe.resolved_task, **recipe.model.options)
+    return recipe, build_from_config(recipe.model, recipe.resolved_task)
 
 
 def cmd_eval(args) -> int:
     from .recipe import AttackConfig
-    from .report import atomic_write, metrics_table
+    from .report import atomic_write, environment, metrics_table
     from .runs import build_attacks, first_examples
     from .tasks import load_task
+
+    from accelerate.utils import set_seed
+    from pydantic import ValidationError
 
     target = Path(args.target)
     recipe, adapter = load_target(args)
     task = recipe.resolved_task
-    configs = [AttackConfig(**parse_attack(a)) for a in args.attack] if args.attack else recipe.eval.attacks
-    attacks = build_attacks(configs, task.threat)
+    try:
+        configs = [AttackConfig(**parse_attack(a)) for a in args.attack] if args.attack else recipe.eval.attacks
+        attacks = build_attacks(configs, task.threat)
+    except (ValidationError, ValueError, TypeError) as err:
+        raise RecipeError(f"--attack: {err}") from None
     data = first_examples(load_task(task, seed=recipe.seed).split(args.split or recipe.eval.split),
                           args.max_examples or recipe.eval.max_examples)
     from .evaluate import evaluate
@@ -102,8 +112,12 @@ def cmd_eval(args) -> int:
     accelerator = make_accelerator(recipe)
     batch_size = args.batch_size or recipe.eval.batch_size
     run_folder = target if (target / "recipe.yaml").exists() else None
+    set_seed(recipe.seed)  # random starts and restarts: the same numbers on every call
     metrics = evaluate(adapter, data, attacks, accelerator, batch_size, task.labels,
                        threat=task.threat, check_examples=recipe.eval.check_examples, out_dir=run_folder)
+    metrics.update({"seed": recipe.seed, "threat": task.threat.model_dump(mode="json", exclude_none=True),
+                    "attacks": {title: c.params() for title, c in zip(attacks, configs)},
+                    "environment": environment()})
     advglue = None
     if args.advglue:
         from .advglue import run_advglue_eval
@@ -272,8 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--attack", action="append", default=[], metavar="NAME[:k=v,...]",
                    help="attack, repeatable, e.g. pgd:eps=0.1,steps=20 (default: the recipe's eval.attacks)")
     e.add_argument("--split", choices=["validation", "test"])
-    e.add_argument("--max-examples", type=int)
-    e.add_argument("--batch-size", type=int)
+    e.add_argument("--max-examples", type=positive_int)
+    e.add_argument("--batch-size", type=positive_int)
     e.add_argument("--output", help="write metrics JSON here (default: <run>/eval.json)")
     e.add_argument("--advglue", metavar="HUB_ID|FILE",
                    help="also score AdvGLUE: hub id (adv_glue) or a release-format dev.json; "
@@ -315,6 +329,17 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="list tasks, models, attacks, defenses or recipes")
     ls.add_argument("what", choices=["tasks", "models", "attacks", "defenses", "recipes"])
     return p
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
 
 
 def parse_with_late_overrides(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:

@@ -62,7 +62,15 @@ def first_examples(split, limit: int | None):
 
 
 def build_attacks(configs: list[AttackConfig], threat) -> dict:
-    return {c.title(): build_attack(c.params(), threat) for c in configs}
+    """Title -> attack, in order; a title given twice (the same attack twice, e.g. two random-start
+    runs) is numbered ``<title> #2`` instead of replacing the first."""
+    out = {}
+    for c in configs:
+        title, n = c.title(), 2
+        while title in out:
+            title, n = f"{c.title()} #{n}", n + 1
+        out[title] = build_attack(c.params(), threat)
+    return out
 
 
 def execute(recipe: Recipe, resume: bool = False, train: bool = True, evaluate_after: bool = True) -> dict:

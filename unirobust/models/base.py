@@ -114,7 +114,12 @@ def build_model(spec: str, task, ensemble: Any = None, **options) -> nn.Module:
         else:
             raise ModelSpecError(f"model spec {spec!r} needs a source prefix; valid: "
                                  + ", ".join(f"{s}:<name>" for s in MODELS.names()))
-    return MODELS.build(source, name, task, **options)
+    try:
+        return MODELS.build(source, name, task, **options)
+    except TypeError as err:  # a misspelt or foreign model.options key reaches a constructor
+        if "unexpected keyword argument" not in str(err):
+            raise
+        raise ModelSpecError(f"model {spec!r} does not take an option given in model.options: {err}") from None
 
 
 def build_from_config(model, task) -> nn.Module:
