@@ -201,6 +201,7 @@ def test_advglue_task_loader(release_file, tmp_path):
 ])
 def test_eval_checks_advglue_before_attacking(capsys, tmp_path, monkeypatch, task, source, message):
     import unirobust.evaluate
+    import unirobust.runs  # noqa: F401  (imported before the patch, so it keeps the real evaluate)
     from unirobust.cli import main
 
     write_advglue(tmp_path / "qqp_only.json", {"qqp": RELEASE["qqp"]})
