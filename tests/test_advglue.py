@@ -79,6 +79,11 @@ def test_load_errors_say_what_is_wrong(tmp_path, release_file):
         load_advglue(tmp_path / "missing.json")
     with pytest.raises(AdvGLUEError, match="has no"):
         load_advglue({"sst2": RELEASE["sst2"]}, ["qqp"])
+    for item, message in (({"idx": None, "label": 1, "sentence": None}, "not text"),
+                          ({"idx": "x", "label": 1, "sentence": "fine"}, "not an integer")):
+        bad.write_text(json.dumps({"sst2": [item]}))
+        with pytest.raises(AdvGLUEError, match=message):
+            load_advglue(bad)
     (tmp_path / "folder").mkdir()  # an existing folder is never taken for a hub id
     with pytest.raises(AdvGLUEError, match="folder without dev.json"):
         load_advglue(tmp_path / "folder")
@@ -198,6 +203,7 @@ def test_advglue_task_loader(release_file, tmp_path):
     ("digits", "adv_glue", "matches no AdvGLUE task"),
     ("sst2-sample", "{tmp}/missing.json", "not found"),
     ("sst2-sample", "{tmp}/qqp_only.json", "none of the AdvGLUE tasks"),
+    ("sst2-sample", "", "give --advglue too"),  # --advglue-benign alone
 ])
 def test_eval_checks_advglue_before_attacking(capsys, tmp_path, monkeypatch, task, source, message):
     import unirobust.evaluate
@@ -208,6 +214,7 @@ def test_eval_checks_advglue_before_attacking(capsys, tmp_path, monkeypatch, tas
     attacked = []
     monkeypatch.setattr(unirobust.evaluate, "evaluate", lambda *a, **k: attacked.append(1) or {})
     spec = "timm:test_resnet" if task == "digits" else "hf:sentence-transformers/all-MiniLM-L6-v2"
-    code = main(["eval", spec, "--task", task, "--advglue", source.format(tmp=tmp_path), "task.max_eval=8"])
+    advglue = ["--advglue", source.format(tmp=tmp_path)] if source else ["--advglue-benign", "glue"]
+    code = main(["eval", spec, "--task", task, *advglue, "task.max_eval=8"])
     assert code == 2 and message in capsys.readouterr().err
     assert attacked == []

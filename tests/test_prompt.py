@@ -100,6 +100,8 @@ def test_truncation_keeps_template_and_mask(mlm_model, tokenizer):
     toks = tokenizer.convert_ids_to_tokens(batch["input_ids"][0][:n])
     assert toks[-5:] == ["it", "was", "[MASK]", ".", "[SEP]"]
     assert int(batch["input_token_mask"][0].sum()) == 16 - 6  # [CLS] + it was [MASK] . [SEP]
+    with pytest.raises(ModelSpecError, match="leaving less than one per input field"):
+        sst_prompt(mlm_model, tokenizer, max_length=6)  # the template and specials fill all 6
 
 
 # ----------------------------------------------------------------------------- scores

@@ -162,6 +162,8 @@ def error_of(overrides, path=DIGITS) -> str:
 
 @pytest.mark.parametrize("overrides,expected", [
     (["colour=blue"], ["colour", "Extra inputs are not permitted"]),
+    (["name=../elsewhere"], ["name", "inside output_dir"]),
+    (["name=/tmp/x"], ["name", "inside output_dir"]),
     (["train.epochs=abc"], ["train.epochs", "valid integer", "'abc'"]),
     (["train.optimizer=adam"], ["train.optimizer", "adamw", "sgd"]),
     (["train.epoch=3"], ["train.epoch", "Extra inputs"]),

@@ -126,6 +126,7 @@ def test_run_folder_and_eval_of_saved_run(tmp_path):
     assert resolved["train"]["epochs"] == 1 and resolved["defense"]["attack"]["steps"] == 2
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["seed"] == 0 and metrics["environment"]["packages"]["torch"]
+    assert metrics["environment"]["packages"]["pydantic"]
     assert metrics["eval"]["n"] == 96 and len(metrics["eval"]["per_class"]) == 10
     log = (run / "log.txt").read_text()
     assert "timm:test_resnet" in log and "clean accuracy" in log

@@ -110,8 +110,15 @@ def _items(key: str, items, where: str) -> list[dict]:
         if missing:
             raise AdvGLUEError(f"{where}: {key}[{i}] lacks {missing} (a {key} item has idx, label, "
                                f"{', '.join(GLUE_FIELDS[key])})")
-        row = {"idx": int(item.get("idx", i)), "label": _label_index(key, item["label"])}
-        row.update({f: str(item[f]) for f in GLUE_FIELDS[key]})
+        empty = [f for f in GLUE_FIELDS[key] if not isinstance(item[f], str)]
+        if empty:
+            raise AdvGLUEError(f"{where}: {key}[{i}] has {empty} that are not text: {[item[f] for f in empty]}")
+        try:
+            idx = i if item.get("idx") is None else int(item["idx"])
+        except (TypeError, ValueError):
+            raise AdvGLUEError(f"{where}: {key}[{i}] has idx {item['idx']!r}, not an integer") from None
+        row = {"idx": idx, "label": _label_index(key, item["label"])}
+        row.update({f: item[f] for f in GLUE_FIELDS[key]})
         row.update({k: v for k, v in item.items() if k not in row})
         out.append(row)
     return out

@@ -105,11 +105,14 @@ def cmd_eval(args) -> int:
 
     from .train import make_accelerator
 
+    if args.advglue_benign and not args.advglue:
+        raise RecipeError("--advglue-benign gives the benign counterparts of --advglue; give --advglue too")
     if args.advglue:  # a wrong file or task fails now, not after the attacks
         from .advglue import check_advglue_source
 
         check_advglue_source(task, args.advglue)
     accelerator = make_accelerator(recipe)
+    adapter = adapter.to(accelerator.device)
     batch_size = args.batch_size or recipe.eval.batch_size
     run_folder = target if (target / "recipe.yaml").exists() else None
     set_seed(recipe.seed)  # random starts and restarts: the same numbers on every call

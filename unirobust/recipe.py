@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .registry import MODELS, UnknownName
 from .tasks import Task, TaskError, deep_merge, get_task
@@ -151,6 +151,13 @@ class Recipe(Strict):
     output_dir: str = "runs"
 
     _task: Task | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_stays_inside_output_dir(cls, name: str) -> str:
+        if name.startswith("/") or ".." in name.split("/"):
+            raise ValueError(f"{name!r}: a run name is a folder inside output_dir (no leading / and no ..)")
+        return name
 
     @model_validator(mode="after")
     def _resolve(self) -> "Recipe":

@@ -11,7 +11,8 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-PACKAGES = ("unirobust", "torch", "transformers", "timm", "accelerate", "datasets", "numpy", "textattack")
+PACKAGES = ("unirobust", "torch", "torchvision", "transformers", "timm", "accelerate", "datasets", "numpy",
+            "safetensors", "scikit-learn", "pydantic", "textattack")
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
@@ -48,7 +49,22 @@ def environment() -> dict:
         except metadata.PackageNotFoundError:
             versions[p] = None
     return {"python": sys.version.split()[0], "platform": platform.platform(), "packages": versions,
-            "argv": sys.argv}
+            "argv": sys.argv, **source_revision()}
+
+
+def source_revision() -> dict:
+    """``{"git_commit", "git_dirty"}`` of the unirobust source when it is a git checkout, else ``{}``."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        def git(*args):
+            return subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, timeout=5,
+                                   check=True).stdout.strip()
+
+        return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "--", "."))}
+    except (OSError, subprocess.SubprocessError):
+        return {}
 
 
 def save_weights(adapter, path: Path) -> None:

@@ -186,6 +186,10 @@ class PromptAdapter(TextAdapter):
         self._enc = _Encoder(tokenizer)
         self._uses_types = "token_type_ids" in tokenizer.model_input_names
         self._parsed = [self._compile(parse_template(t, self.text_fields, tokenizer.mask_token)) for t in self.templates]
+        fixed = max(self._fixed_length(t) for t in self._parsed)
+        if max_length - fixed < len(self.text_fields):
+            raise ModelSpecError(f"the templates take {fixed} of max_length={max_length} tokens, leaving less than "
+                                 f"one per input field: raise max_length or shorten the templates")
         ids, owner = [], []
         for c, words in enumerate(self.verbalizer):
             if not words:
@@ -273,8 +277,6 @@ class PromptAdapter(TextAdapter):
             for i, ids in enumerate(self._enc.many(texts, after, self.max_length)):
                 field_ids[i].append(ids)
         budget = self.max_length - max(self._fixed_length(t) for t in self._parsed)
-        if budget < 0:
-            raise ModelSpecError(f"the templates alone need more than max_length={self.max_length} tokens")
         rows = []  # per example, per template
         for fids in field_ids:
             keep = _truncate([len(f) for f in fids], budget)
