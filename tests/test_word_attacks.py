@@ -545,6 +545,7 @@ def test_advgen_writes_filtered_advglue_that_reloads(keyword_adapter, tmp_path):
     from unirobust.advglue import load_advglue
 
     examples = NEGATIVE + [{"sentence": "bad", "label": 1}]  # a one-word text: 100% of words changed
+    examples = [{**e, "idx": 100 + i} for i, e in enumerate(examples)]  # GLUE's own idx column
     counts = advgen(keyword_adapter, examples, attack(source="chars", wir="unk"), tmp_path / "adv.json",
                     tmp_path / "work", label_names=["negative", "positive"], min_similarity=-1.0, max_change=0.5)
     assert counts["successful"] == 4 and counts["too_many_words_changed"] == 1 and counts["kept"] == 3
@@ -554,6 +555,7 @@ def test_advgen_writes_filtered_advglue_that_reloads(keyword_adapter, tmp_path):
     preds = keyword_adapter.predict([r["sentence"] for r in rows])
     assert all(int(p) != 1 for p in preds)  # every kept sentence fools the model
     assert all(r["label"] == 1 and r["original"] != r["sentence"] for r in rows)  # GLUE positive = model class 1
+    assert all(examples[r["idx"] - 100]["sentence"] == r["original"] for r in rows)  # idx names the source row
     strict = advgen(keyword_adapter, examples, attack(source="chars", wir="unk"), tmp_path / "adv2.json",
                     tmp_path / "work", min_similarity=0.9999, max_change=0.5)
     assert strict["too_dissimilar"] >= 1 and strict["kept"] < 3

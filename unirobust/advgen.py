@@ -47,7 +47,7 @@ def advgen(adapter, examples: list[dict], attack, out_path: str | Path, work_dir
         kept = [r for r, s in zip(small, sims.tolist()) if s >= min_similarity]
         counts["too_dissimilar"] = len(small) - len(kept)
     counts["kept"] = len(kept)
-    items = [{"idx": r.index, "label": to_glue[r.label], r.field: r.adversarial, **r.context,
+    items = [{"idx": int(examples[r.index].get("idx", r.index)), "label": to_glue[r.label], r.field: r.adversarial, **r.context,
               "original": r.original, "attack": attack_name} for r in kept]
     write_advglue(out_path, {key: items})
     log.info("advgen: %d of %d examples kept (%d successful attacks) -> %s", len(kept), len(examples), len(wins),

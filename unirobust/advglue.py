@@ -272,7 +272,8 @@ def _label_map(key: str, label_names: Sequence[str] | None, num_classes: int) ->
     if label_names is not None and set(label_names) == set(glue):
         return [list(label_names).index(n) for n in glue]
     if label_names is not None and list(label_names) != list(glue):
-        log.info("%s: model labels %s are not GLUE's names %s; assuming GLUE's order", key, list(label_names), glue)
+        log.warning("%s: the model's labels %s are not GLUE's %s; reading them in GLUE's order (is the task "
+                    "really %s?)", key, list(label_names), glue, key)
     return list(range(len(glue)))
 
 
