@@ -205,3 +205,20 @@ def test_monitor_measures_in_eval_mode_and_leaves_batchnorm_alone():
     assert adapter.training
     assert torch.equal(net[1].running_mean, before[0]) and torch.equal(net[1].num_batches_tracked, before[1])
     assert {"monitor_pgd_accuracy", "monitor_fgsm_accuracy"} <= set(out)
+
+
+def test_recipe_hash_names_what_training_depends_on(tmp_path):
+    """``--resume`` accepts the run's own recipe.yaml (task written out) and changed evaluation or
+    checkpointing settings, and refuses anything that changes training."""
+    from unirobust.recipe import load_recipes, validate
+    from unirobust.train import recipe_hash
+
+    recipe_file = write_recipe(tmp_path / "tiny.yaml")
+    base = recipe_hash(load_recipes(recipe_file)[0])
+    saved = validate(yaml.safe_load(load_recipes(recipe_file)[0].to_yaml()))
+    assert recipe_hash(saved) == base
+    for same in (["task.max_eval=10"], ["train.checkpoint_every=7"], ["eval.batch_size=8"], ["output_dir=elsewhere"]):
+        assert recipe_hash(load_recipes(recipe_file, same)[0]) == base, same
+    for other in (["train.lr=0.1"], ["seed=1"], ["task.max_train=100"], ["defense.attack.steps=3"],
+                  ["task.threat.eps=0.2"]):
+        assert recipe_hash(load_recipes(recipe_file, other)[0]) != base, other

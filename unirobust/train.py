@@ -124,8 +124,14 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def recipe_hash(recipe: Recipe) -> str:
     """What a checkpoint must have been trained with to be resumed: the recipe without its evaluation
     and checkpointing settings (changing those does not change training)."""
-    dump = recipe.model_dump(mode="json", exclude={"eval", "output_dir", "description"})
+    import yaml
+
+    dump = yaml.safe_load(recipe.to_yaml())  # the task resolved: the same task reached by name or written out
+    for key in ("eval", "output_dir", "description"):
+        dump.pop(key, None)
     dump["train"].pop("checkpoint_every", None)
+    for key in ("base_dir", "description", "max_eval"):
+        dump["task"].pop(key, None)
     return hashlib.sha256(json.dumps(dump, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
