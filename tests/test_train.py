@@ -104,13 +104,27 @@ def test_fresh_run_starts_clean_and_grad_accum_keeps_every_epoch(tmp_path):
     (run / "metrics.json").write_text("{}")
     (run / "eval.json").write_text("{}")
     recipe_file = write_recipe(tmp_path / "tiny.yaml", output_dir=str(tmp_path / "runs"))
-    recipe = load_recipes(recipe_file, ["task.max_train=128", "train.grad_accum=3", "train.checkpoint_every=1",
+    recipe = load_recipes(recipe_file, ["task.max_train=128", "train.grad_accum=3", "train.checkpoint_every=2",
                                         "defense.name=erm", "defense.attack=null"])[0]
     metrics = execute(recipe, evaluate_after=False)
     assert metrics["train"]["steps"] == 4
     assert [h["epoch"] for h in metrics["train"]["history"]] == [0, 1]
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_3", "step_4"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_2", "step_4"]
     assert not (run / "eval.json").exists()
+
+    # resuming from the checkpoint at the end of an epoch (step 2), or at the very end (step 4), gives
+    # the same history: the epoch the checkpoint closed is written as the run wrote it
+    import shutil
+
+    final = run / "checkpoints" / "step_4"
+    shutil.copytree(final, tmp_path / "step_4")
+    for remove in (True, False):
+        if remove:
+            shutil.rmtree(final)
+        elif not final.exists():
+            shutil.copytree(tmp_path / "step_4", final)
+        again = execute(recipe, resume=True, evaluate_after=False)
+        assert again["train"]["history"] == metrics["train"]["history"]
 
 
 @pytest.mark.slow

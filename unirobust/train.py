@@ -246,6 +246,35 @@ def fit(recipe: Recipe, adapter, train_set, accelerator, run_dir: Path, resume: 
             if entry.get("catastrophic_overfitting"):
                 monitor.overfit_epochs.append(entry["epoch"])
     start = time.time() - elapsed
+
+    def close_epoch(epoch: int, sums, stats: dict[str, float]) -> None:
+        """The epoch's history entry (loss, accuracy and defense stats over all ranks; the monitor)."""
+        sums = accelerator.reduce(sums, reduction="sum")
+        if sums[2] <= 0:
+            return
+        entry = {"epoch": epoch, "step": step, "loss": (sums[0] / sums[2]).item(),
+                 "train_accuracy": (sums[1] / sums[2]).item()}
+        if stats:
+            keys = sorted(stats)
+            totals = accelerator.reduce(torch.tensor([stats[k] for k in keys], device=accelerator.device), "sum")
+            entry.update({k: v.item() for k, v in zip(keys, totals)})
+        if monitor is not None:
+            entry.update(monitor.check(view.unwrapped, epoch))
+        history.append(entry)
+        log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                  for k, v in entry.items() if k != "epoch"))
+
+    def fresh_sums():
+        return torch.zeros(3, device=accelerator.device), {}  # (loss sum, correct, count), defense stats
+
+    resumed = None
+    if carried is not None:  # the checkpoint's epoch so far (its sums over all ranks, held by rank 0)
+        main = accelerator.is_main_process
+        resumed = (torch.tensor(carried["sums"] if main else [0.0] * 3, device=accelerator.device),
+                   {k: v if main else 0.0 for k, v in carried["stats"].items()})
+        if step % steps_per_epoch == 0 or step >= total:  # that epoch was over: close it as the run would have
+            close_epoch((step - 1) // steps_per_epoch, *resumed)
+            resumed = None
     bar = tqdm(total=total, initial=step, desc=f"train {recipe.name}", disable=not accelerator.is_local_main_process,
                dynamic_ncols=True)
     epoch = step // steps_per_epoch
@@ -253,13 +282,8 @@ def fit(recipe: Recipe, adapter, train_set, accelerator, run_dir: Path, resume: 
         loader.set_epoch(epoch)
         skip = (step - epoch * steps_per_epoch) * cfg.grad_accum
         wrapped.train()
-        sums = torch.zeros(3, device=accelerator.device)  # loss sum, correct, count
-        stats: dict[str, float] = {}
-        if carried is not None:  # the resumed epoch's sums up to the checkpoint (all ranks', on rank 0)
-            if accelerator.is_main_process:
-                sums += torch.tensor(carried["sums"], device=sums.device)
-                stats.update(carried["stats"])
-            carried = None
+        sums, stats = resumed or fresh_sums()
+        resumed = None
         for i, batch in enumerate(loader):
             if i < skip:
                 continue
@@ -288,19 +312,7 @@ def fit(recipe: Recipe, adapter, train_set, accelerator, run_dir: Path, resume: 
                         "epoch_sums": epoch_sums(accelerator, sums, stats)})
                 if step >= total:
                     break
-        sums = accelerator.reduce(sums, reduction="sum")
-        if sums[2] > 0:
-            entry = {"epoch": epoch, "step": step, "loss": (sums[0] / sums[2]).item(),
-                     "train_accuracy": (sums[1] / sums[2]).item()}
-            if stats:
-                keys = sorted(stats)
-                totals = accelerator.reduce(torch.tensor([stats[k] for k in keys], device=accelerator.device), "sum")
-                entry.update({k: v.item() for k, v in zip(keys, totals)})
-            if monitor is not None:
-                entry.update(monitor.check(view.unwrapped, epoch))
-            history.append(entry)
-            log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                                      for k, v in entry.items() if k != "epoch"))
+        close_epoch(epoch, sums, stats)
         epoch += 1
     bar.close()
     accelerator.wait_for_everyone()
