@@ -222,6 +222,8 @@ def test_verbalizer_errors(mlm_model, tokenizer):
         PromptAdapter(mlm_model, tokenizer, 2, ["sentence"], [SST_TEMPLATE], [["terrible"], ["unputdownable"]])
     with pytest.raises(ModelSpecError, match="verbalizer has 1"):
         PromptAdapter(mlm_model, tokenizer, 2, ["sentence"], [SST_TEMPLATE], [["great"]])
+    with pytest.raises(ModelSpecError, match="given twice"):
+        PromptAdapter(mlm_model, tokenizer, 2, ["sentence"], [SST_TEMPLATE], [["bad", "great"], ["great"]])
     from unirobust.models.prompt import verbalizer_words
 
     assert verbalizer_words({"negative": "bad", "positive": ["good", "great"]}, ["negative", "positive"]) == \
@@ -321,6 +323,15 @@ def visual(digits_task):
     torch.manual_seed(0)
     return build_model("timm:test_resnet", digits_task, head="prompt", prompt_size=3, source_classes=12, in_chans=3,
                        label_map=[[0, 11], 1, 2, 3, 4, 5, 6, 7, 8, 9])
+
+
+def test_visual_prompt_label_map_errors(digits_task):
+    from unirobust.models import build_model
+
+    for label_map in ([-1, 1, 2, 3, 4, 5, 6, 7, 8, 9], [[], 1, 2, 3, 4, 5, 6, 7, 8, 9], [0, 1]):
+        with pytest.raises(ModelSpecError, match="label_map"):
+            build_model("timm:test_resnet", digits_task, head="prompt", prompt_size=3, source_classes=12,
+                        in_chans=3, label_map=label_map)
 
 
 def test_visual_prompt_pixels_stay_in_range(visual, digits_test_batch):

@@ -199,6 +199,8 @@ class PromptAdapter(TextAdapter):
                 if len(tok) != 1 or tok[0] == tokenizer.unk_token_id:
                     raise ModelSpecError(f"verbalizer word {w!r} is {tokenizer.convert_ids_to_tokens(tok)} for this "
                                          f"tokenizer; use words that are one known token")
+                if tok[0] in ids:
+                    raise ModelSpecError(f"verbalizer word {w!r} is given twice (a word reads one class)")
                 ids.append(tok[0])
                 owner.append(c)
         agg = torch.zeros(num_classes, len(ids))
@@ -508,6 +510,9 @@ class VisualPromptAdapter(VisionAdapter):
         if len(label_map) != num_classes:
             raise ModelSpecError(f"label_map has {len(label_map)} entries, the task {num_classes} classes")
         groups = [[m] if isinstance(m, int) else list(m) for m in label_map]
+        if any(not g or min(g) < 0 for g in groups):
+            raise ModelSpecError(f"label_map entries are backbone class indices >= 0 (one or a list per task class); "
+                                 f"got {label_map}")
         width = max(max(g) for g in groups) + 1
         read = torch.zeros(num_classes, width)
         for c, g in enumerate(groups):
