@@ -86,6 +86,17 @@ def test_overrides_are_typed():
     assert r.defense.attack.steps == 7 and r.train.batch_size == 64
 
 
+def test_floats_without_a_dot_are_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads 1e-2 as a string; recipes, overrides and --attack read it as a number."""
+    from unirobust.cli import parse_attack
+
+    assert parse_override("defense.attack.eps=1e-2") == (["defense", "attack", "eps"], 0.01)
+    assert parse_attack("pgd:eps=2E-3,steps=3") == {"name": "pgd", "eps": 0.002, "steps": 3}
+    assert parse_override("name=run1e5x")[1] == "run1e5x" and parse_override("seed=12")[1] == 12
+    recipe = load_recipes(DIGITS, ["defense.attack.alpha=1e-2"])[0]
+    assert yaml.safe_load(recipe.to_yaml())["defense"]["attack"]["alpha"] == 0.01
+
+
 def test_parse_override():
     assert parse_override("a.b=1") == (["a", "b"], 1)
     assert parse_override("a=0.5") == (["a"], 0.5)

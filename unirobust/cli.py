@@ -26,7 +26,7 @@ EXAMPLES = """examples:
 
 def parse_attack(text: str) -> dict:
     """``pgd`` or ``pgd:eps=0.1,steps=20`` -> ``{"name": "pgd", "eps": 0.1, "steps": 20}``."""
-    import yaml
+    from .tasks import load_yaml
 
     name, _, rest = text.partition(":")
     spec = {"name": name}
@@ -34,7 +34,7 @@ def parse_attack(text: str) -> dict:
         key, sep, value = part.partition("=")
         if not sep:
             raise RecipeError(f"attack {text!r}: expected name:key=value,key=value")
-        spec[key.strip()] = yaml.safe_load(value)
+        spec[key.strip()] = load_yaml(value)
     return spec
 
 

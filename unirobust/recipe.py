@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .registry import MODELS, UnknownName
-from .tasks import Task, TaskError, deep_merge, get_task
+from .tasks import Task, TaskError, deep_merge, get_task, load_yaml
 
 
 class RecipeError(ValueError):
@@ -231,7 +231,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise RecipeError(f"override {text!r} is not of the form key.sub=value")
-    return key.split("."), yaml.safe_load(value) if value else ""
+    return key.split("."), load_yaml(value) if value else ""
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -287,7 +287,7 @@ def read_yaml(path: str | Path) -> dict:
     if not p.exists():
         raise RecipeError(f"recipe file not found: {p}")
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = load_yaml(p.read_text())
     except yaml.YAMLError as err:
         raise RecipeError(f"{p} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -172,6 +173,20 @@ def task_file(name: str) -> Path:
 WHOLE_TASK = {"modality", "labels", "threat", "source"}
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """Safe YAML loading that also reads floats written without a dot (``1e-2``, ``5E3``) as numbers,
+    as YAML 1.2 does; PyYAML's YAML 1.1 reads them as strings."""
+
+
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                                  list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` for recipes, task files and overrides (see :class:`_YamlLoader`)."""
+    return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass: no arbitrary objects
+
+
 def get_task(name: str, overrides: dict[str, Any] | None = None) -> Task:
     """The task called ``name`` (or at a .yaml path), with recipe ``overrides`` merged in.
 
@@ -182,7 +197,7 @@ def get_task(name: str, overrides: dict[str, Any] | None = None) -> Task:
         return Task.model_validate({"name": name, **overrides})
     path = task_file(name)
     with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+        raw = load_yaml(f.read()) or {}
     raw = deep_merge(raw, overrides or {})
     raw.setdefault("base_dir", str(path.resolve().parent.parent))
     return Task.model_validate(raw)
