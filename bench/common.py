@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -14,15 +12,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def write_result(name: str, payload: dict) -> Path:
     """``bench/results/<name>.json`` written atomically, with the command and package versions."""
-    from unirobust.report import environment
+    from unirobust.report import atomic_write, environment
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "environment": environment(), **payload}
-    fd, tmp = tempfile.mkstemp(dir=RESULTS, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
     path = RESULTS / f"{name}.json"
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(payload, indent=2))
     return path
 
 

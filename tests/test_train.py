@@ -236,3 +236,22 @@ def test_recipe_hash_names_what_training_depends_on(tmp_path):
     for other in (["train.lr=0.1"], ["seed=1"], ["task.max_train=100"], ["defense.attack.steps=3"],
                   ["task.threat.eps=0.2"]):
         assert recipe_hash(load_recipes(recipe_file, other)[0]) != base, other
+
+
+def test_atomic_writes_keep_the_umask_mode_and_leave_nothing_behind(tmp_path):
+    import os
+
+    from unirobust.report import atomic_path, atomic_write
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.json", "{}")
+        assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644  # mkstemp alone gives 0600
+        with pytest.raises(Crash):
+            with atomic_path(tmp_path / "a.json") as tmp:
+                Path(tmp).write_text("half")
+                raise Crash("interrupted")
+        assert (tmp_path / "a.json").read_text() == "{}"  # the old file stands
+        assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temp file left
+    finally:
+        os.umask(old)

@@ -8,6 +8,7 @@ import os
 import platform
 import sys
 import tempfile
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -15,23 +16,31 @@ PACKAGES = ("unirobust", "torch", "torchvision", "transformers", "timm", "accele
             "safetensors", "scikit-learn", "pydantic", "textattack")
 
 
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder, flushed to disk, then renamed:
-    readers see the old file or the new one, never a part. The file gets the umask's usual mode
-    (``mkstemp`` alone would leave it 0600); the temp file is removed if anything fails."""
+@contextmanager
+def atomic_path(path: Path):
+    """``with atomic_path(p) as tmp: <write tmp>``: a temp file beside ``p`` (same suffix) that becomes
+    ``p`` when the block succeeds: flushed to disk, given the umask's usual mode (``mkstemp`` alone
+    leaves 0600), then renamed, so readers see the old file or the new one, never a part. The temp
+    file is removed if the block fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """``data`` written to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(data.encode() if isinstance(data, str) else data)
 
 
 def _umask() -> int:
@@ -71,18 +80,8 @@ def save_weights(adapter, path: Path) -> None:
     """The adapter's weights as safetensors (shared / tied tensors handled), written atomically."""
     from safetensors.torch import save_model
 
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".safetensors")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_model(adapter, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_weights(adapter, path: Path) -> None:
@@ -179,9 +178,9 @@ def plot_per_class(path: Path, title: str, ev: dict) -> bool:
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
     return True

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -125,9 +123,8 @@ def counterfit_vectors(vectors: WordVectors, steps: int = 100) -> WordVectors:
                  len(vectors.words), path.parent)
         synonyms, antonyms = wordnet_pairs(vectors.words)
         fitted = counterfit(vectors.vectors, synonyms, antonyms, steps=steps)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".safetensors")
-        os.close(fd)
-        save_file({"vectors": fitted.contiguous()}, tmp)
-        os.replace(tmp, path)
+        from ...report import atomic_path
+
+        with atomic_path(path) as tmp:
+            save_file({"vectors": fitted.contiguous()}, tmp)
     return vectors.with_vectors(fitted)
