@@ -341,3 +341,18 @@ def test_text_attack_accumulates_no_parameter_grads(text_adapter, sentences):
 def test_defense_without_attack_refuses_one():
     with pytest.raises(ValueError, match="attack"):
         build_defense({"name": "erm", "attack": {"name": "pgd"}})
+
+
+@pytest.mark.parametrize("name", ["pgd", "apgd-ce", "mi-fgsm"])
+def test_float16_text_model_with_padding_gives_finite_points(make_text_adapter, sentences, name):
+    """Padding tokens have a zero gradient; in float16 a 1e-12 norm floor rounds to 0, and 0 / 0 made
+    NaN points that the cascade then counted as successful attacks."""
+    adapter = make_text_adapter().half().eval()
+    batch = adapter.collate(sentences)
+    assert (batch["attention_mask"] == 0).any()  # the batch has padding
+    budget = {"pgd": {"steps": 3}, "apgd-ce": {"n_iter": 3}, "mi-fgsm": {}}[name]
+    attack = build_attack({"name": name, "eps": 0.05, "norm": "l2", "relative": True, **budget})
+    z = attack(adapter, batch)
+    assert z.dtype == torch.float16 and torch.isfinite(z).all()
+    with torch.no_grad():
+        assert torch.isfinite(adapter.logits(z, batch)).all()

@@ -50,7 +50,7 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 from torch import Tensor
 
-from ..models.base import normalize_step, unit_norm
+from ..models.base import away_from_zero, normalize_step, unit_norm
 from .pgd import broadcast_mask, run_attack
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ class _APGD:
 
         if self.random_start:
             t = (torch.rand_like(z0) * 2 - 1 if self.norm == "linf" else torch.randn_like(z0)) * mask
-            t = t / unit_norm(t, self.norm, dims).clamp_min(1e-12)
+            t = t / away_from_zero(unit_norm(t, self.norm, dims))
             z = adapter.project(z0 + t * radius, z0, batch, self).detach()
         else:
             z = z0.clone()

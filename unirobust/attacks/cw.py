@@ -39,6 +39,7 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 from torch import Tensor
 
+from ..models.base import away_from_zero
 from .apgd import margin_loss
 from .pgd import broadcast_mask, run_attack
 
@@ -83,7 +84,7 @@ class CWL2:
         radius = adapter.radius(z0, batch, self)
         d = math.prod(z0.shape[i] for i in dims)  # entries per unit
         size = radius * (math.sqrt(d) if self.norm == "linf" else 1.0)  # unit's L2 size R
-        scale = (size / math.sqrt(d)).clamp_min(1e-12)  # per-coordinate size s
+        scale = away_from_zero(size / math.sqrt(d))  # per-coordinate size s
         valid = _ValidSet()
 
         best = z0.clone()

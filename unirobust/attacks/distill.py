@@ -32,13 +32,13 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 from torch import Tensor
 
-from ..models.base import normalize_step
+from ..models.base import away_from_zero, normalize_step
 from .pgd import run_attack, start_in_ball
 
 
 def l1_normalize(grad: Tensor) -> Tensor:
     """``grad`` divided by its per-example L1 norm (MI-FGSM's normalisation)."""
-    norm = grad.abs().flatten(1).sum(1).clamp_min(1e-12)
+    norm = away_from_zero(grad.abs().flatten(1).sum(1))
     return grad / norm.view(-1, *([1] * (grad.dim() - 1)))
 
 

@@ -40,13 +40,13 @@ from pydantic.dataclasses import dataclass
 from torch import Tensor
 
 from ..attacks.pgd import broadcast_mask
-from ..models.base import eval_mode, unit_norm, unwrap
+from ..models.base import away_from_zero, eval_mode, unit_norm, unwrap
 
 
 def sign_step(grad: Tensor, norm: str, dims: tuple[int, ...]) -> Tensor:
     """sign(grad), rescaled to unit size per ball unit in ``norm`` (Linf: itself; L2: / sqrt(#nonzero))."""
     s = grad.sign()
-    return s if norm == "linf" else s / unit_norm(s, "l2", dims).clamp_min(1e-12)
+    return s if norm == "linf" else s / away_from_zero(unit_norm(s, "l2", dims))
 
 
 def sign_pgd(model, batch: dict, ball: Any, steps: int, alpha: float) -> Tensor:

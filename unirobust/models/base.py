@@ -60,18 +60,24 @@ def unit_norm(x: Tensor, norm: str, dims: tuple[int, ...]) -> Tensor:
     return x.pow(2).sum(dim=dims, keepdim=True).sqrt()
 
 
+def away_from_zero(norm: Tensor) -> Tensor:
+    """``norm`` clamped to at least 1e-12, or to the dtype's smallest normal number where 1e-12 rounds
+    to 0 (float16): a zero norm divides to 0, never to NaN (0 / 0)."""
+    return norm.clamp_min(max(1e-12, torch.finfo(norm.dtype).tiny))
+
+
 def normalize_step(grad: Tensor, norm: str, dims: tuple[int, ...]) -> Tensor:
     """Steepest-ascent direction of unit size: sign for Linf, grad / ||grad||_2 per unit for L2."""
     if norm == "linf":
         return grad.sign()
-    return grad / unit_norm(grad, "l2", dims).clamp_min(1e-12)
+    return grad / away_from_zero(unit_norm(grad, "l2", dims))
 
 
 def clip_to_ball(delta: Tensor, norm: str, radius: Tensor, dims: tuple[int, ...]) -> Tensor:
     """Project ``delta`` onto the per-unit ball of ``radius`` (broadcastable to delta)."""
     if norm == "linf":
         return delta.clamp(min=-radius, max=radius)
-    scale = (radius / unit_norm(delta, "l2", dims).clamp_min(1e-12)).clamp(max=1.0)
+    scale = (radius / away_from_zero(unit_norm(delta, "l2", dims))).clamp(max=1.0)
     return delta * scale
 
 
