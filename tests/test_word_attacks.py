@@ -272,6 +272,27 @@ def test_query_budget_is_respected(keyword_adapter):
     assert all(r.status == "failed" for r in records)  # PWWS needs more than 3 queries here
 
 
+@pytest.mark.parametrize("wir", ["delete", "unk"])
+def test_budget_spent_by_the_first_query_is_a_failed_attack(keyword_adapter, wir):
+    """query_budget=1: the unattacked text takes the whole budget, so word saliency gets no
+    probabilities (it crashed for labels >= 1)."""
+    records, _ = run(keyword_adapter, NEGATIVE[:2], wir=wir, query_budget=1)
+    assert [r.status for r in records] == ["failed", "failed"] and all(r.queries == 1 for r in records)
+
+
+def test_word_attacks_on_a_text_ensemble(make_text_adapter, sentences):
+    """Gradient word order and embedding neighbours read the ensemble's shared tokenizer and its
+    first member's embeddings (they reached for attributes only single models have)."""
+    from unirobust.models.ensemble import EnsembleAdapter
+
+    ensemble = EnsembleAdapter([make_text_adapter(seed=0), make_text_adapter(seed=1)]).eval()
+    examples = [{"sentence": e["sentence"], "label": int(p)}
+                for e, p in zip(sentences, ensemble.predict([e["sentence"] for e in sentences]))]
+    for kw in ({"wir": "gradient"}, {"source": "embedding", "wir": "delete"}):
+        records, _ = run(ensemble, examples[:3], **kw)
+        assert all(r.status in ("success", "failed") for r in records), [r.message for r in records]
+
+
 def test_targeted_attack(tokenizer):
     from unirobust.models.text import TextAdapter
 
@@ -393,6 +414,20 @@ def test_results_of_another_model_attack_or_example_list_are_redone(keyword_adap
                     progress=False)
     assert seen[-1] == [0, 1, 2]
     assert len(read_jsonl(out / "results.jsonl")) == 3
+
+
+def test_pair_results_with_another_context_are_redone(tokenizer, tmp_path):
+    """Pairs: the attacked field and the label the same, the other field changed -> another example."""
+    from unirobust.models.text import TextAdapter
+
+    adapter = TextAdapter(KeywordNet(tokenizer), tokenizer, 2, ["premise", "hypothesis"]).eval()
+    spec, out = attack(search="greedy", wir="unk"), tmp_path / "pairs"
+    first = [{"premise": "a bad day", "hypothesis": "nothing bad happened", "label": 1}]
+    run_word_attack(adapter, first, spec, out, progress=False)
+    second = [{**first[0], "premise": "a fine day"}]
+    run_word_attack(adapter, second, spec, out, progress=False)
+    (record,) = read_jsonl(out / "results.jsonl")
+    assert record.context == {"premise": "a fine day"} and record.status == "success"
 
 
 class FakeAccelerator:

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from .base import ModelSpecError
 
 #: attributes read from the first member (all members share them): what text attacks and collation use.
-SHARED_ATTRIBUTES = ("tokenizer", "tokenize", "text_fields", "max_length", "special_ids")
+SHARED_ATTRIBUTES = ("tokenizer", "tokenize", "text_fields", "max_length", "special_ids", "pad_multiple")
 
 
 class EnsembleAdapter(nn.Module):

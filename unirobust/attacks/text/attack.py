@@ -102,7 +102,9 @@ class WordAttack:
         if self._pinned_vectors is not None:
             return self._pinned_vectors
 
-        weight = adapter.model.get_input_embeddings().weight
+        from .sources import input_embedding_weight
+
+        weight = input_embedding_weight(adapter)
         key = (id(weight), weight._version, self.counterfit)
         if key not in _VECTORS:
             vectors = WordVectors(adapter.tokenizer, weight)

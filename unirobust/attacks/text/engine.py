@@ -72,9 +72,10 @@ class Victim:
         """Per word, the L1 norm of the mean loss gradient over its sub-tokens (A2T / TextAttack's
         gradient ordering). ``requests``: (model input, attacked field position, word spans, label)."""
         from ...models.text import TextAdapter
+        from .sources import plain_member
 
         adapter = self.adapter
-        if type(adapter).tokenize is not TextAdapter.tokenize:
+        if type(plain_member(adapter)).tokenize is not TextAdapter.tokenize:
             raise ValueError("gradient word importance needs a plain classifier head (this model rewrites its "
                              "input, e.g. a prompt template); use wir: delete or unk")
         out = []
@@ -183,7 +184,10 @@ class Example:
         return tuple(text if f == self.field else str(self.example[f]) for f in self.fields)
 
     def score(self, probs: torch.Tensor) -> torch.Tensor:
-        """Goal score to maximise: 1 - p(label) (untargeted) or p(target)."""
+        """Goal score to maximise: 1 - p(label) (untargeted) or p(target); none for no probabilities
+        (a spent query budget)."""
+        if not len(probs):
+            return torch.empty(0)
         return probs[..., self.target] if self.target is not None else 1 - probs[..., self.label]
 
     def success(self, probs: torch.Tensor) -> torch.Tensor:

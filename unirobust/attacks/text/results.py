@@ -177,7 +177,7 @@ class ResultStore:
     def reset_if_stale(self, key: str, examples: list[dict], field: str) -> bool:
         """Start over (drop every record) when the folder holds results of another model or attack
         configuration (``key`` differs from the one written with them) or of other examples (a
-        record's text or label differs from ``examples[index]``). Returns whether it reset. Call
+        record's text, label or pair context differs from ``examples[index]``). Returns whether it reset. Call
         on one process before the others open the folder."""
         key_file = self.root / "key.txt"
         done = self.finished()
@@ -185,7 +185,8 @@ class ResultStore:
         if done and (not key_file.exists() or key_file.read_text().strip() != key):
             reason = "another model or attack configuration"
         elif any(r.index < len(examples) and (r.label != _label(examples[r.index])
-                                             or (r.status != "error" and r.original != str(examples[r.index].get(field))))
+                                             or (r.status != "error" and r.original != str(examples[r.index].get(field)))
+                                             or any(str(examples[r.index].get(f)) != v for f, v in r.context.items()))
                  for r in done.values()):
             reason = "other examples"
         if reason:

@@ -178,7 +178,7 @@ class Search:
         """(texts, probabilities, goal scores) of candidate texts; only the texts the query budget
         allowed are kept."""
         probs = yield from ex.query([t.text for t in texts])
-        return texts[: len(probs)], probs, ex.score(probs) if len(probs) else torch.empty(0)
+        return texts[: len(probs)], probs, ex.score(probs)
 
     def importance(self, ex: Example) -> Iterator[Need]:
         """(indices that have candidates, most important first, None), or (None, (text, probs)) when

@@ -91,6 +91,17 @@ class WordNetSynonyms:
         return [list(self.synonyms(text.word(i))) for text, i, _ in items]
 
 
+def plain_member(adapter):
+    """The adapter itself, or an ensemble's first member (members share the tokenizer and the input
+    space; each has its own word embeddings, and word neighbours are read from the first's)."""
+    return adapter.members[0] if hasattr(adapter, "members") else adapter
+
+
+def input_embedding_weight(adapter) -> torch.Tensor:
+    """The word-embedding matrix (V x D) of a text adapter (see :func:`plain_member`)."""
+    return plain_member(adapter).model.get_input_embeddings().weight
+
+
 class WordVectors:
     """Unit-normalised vectors of a tokenizer's whole-word vocabulary (alphabetic entries that are
     not ``##`` continuations or special tokens), taken from a model's input-embedding matrix."""
@@ -114,7 +125,7 @@ class WordVectors:
 
     @classmethod
     def of_adapter(cls, adapter) -> "WordVectors":
-        return cls(adapter.tokenizer, adapter.model.get_input_embeddings().weight)
+        return cls(adapter.tokenizer, input_embedding_weight(adapter))
 
     def cos(self, a: str, b: str) -> float | None:
         """Cosine of two words, or None when either is outside the vocabulary."""
