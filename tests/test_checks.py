@@ -155,3 +155,12 @@ def test_run_checks_text(text_adapter, sentences):
     threat = ThreatModel(norm="l2", eps=0.5, steps=2, relative=True)
     assert checks.run_checks(text_adapter, batch, threat, sweep=False, black_box=False) == []
     checks.run_checks(text_adapter, batch, threat, n_queries=3)  # the attack-based checks run on text too
+
+
+def test_zero_gradients_ignore_examples_with_nothing_to_move(make_text_adapter):
+    """An empty text has no perturbable token, so its gradient is 0 by construction, not masking."""
+    from unirobust.checks import check_zero_gradients
+
+    adapter = make_text_adapter().eval()
+    batch = adapter.collate([{"sentence": "", "label": 0}] * 3 + [{"sentence": "a fine film", "label": 1}])
+    assert check_zero_gradients(adapter, batch) == []

@@ -102,7 +102,8 @@ def _input_grad(adapter, batch: dict, z0: Tensor, loss_fn) -> Tensor:
 def check_zero_gradients(model, batch: dict, max_fraction: float = 0.1) -> list[str]:
     """Warn when more than ``max_fraction`` of the examples have an exactly-zero input gradient.
 
-    The gradient is the cross-entropy's at the clean point, over the perturbable entries. When the
+    The gradient is the cross-entropy's at the clean point, over the perturbable entries (examples
+    with none, e.g. an empty text, are not counted). When the
     margin loss still has a gradient there, the cause is softmax saturation (CE rounds to 0 in
     float); otherwise the model itself passes no gradient (thresholding, quantisation, argmax, ...).
     """
@@ -111,8 +112,9 @@ def check_zero_gradients(model, batch: dict, max_fraction: float = 0.1) -> list[
         with torch.no_grad():
             z0 = adapter.embed(batch).detach()
         ce = _input_grad(adapter, batch, z0, lambda lg, y: F.cross_entropy(lg, y, reduction="none"))
-        zero = ce.flatten(1).abs().sum(1) == 0
-        n, k = len(zero), int(zero.sum())
+        movable = broadcast_mask(adapter.perturbable(batch), ce).flatten(1).any(1)  # an empty text has nothing to move
+        zero = (ce.flatten(1).abs().sum(1) == 0) & movable
+        n, k = int(movable.sum()), int(zero.sum())
         if n == 0 or k / n <= max_fraction:
             return []
         margin = _input_grad(adapter, batch, z0, margin_loss)
