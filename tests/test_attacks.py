@@ -356,3 +356,13 @@ def test_float16_text_model_with_padding_gives_finite_points(make_text_adapter, 
     assert z.dtype == torch.float16 and torch.isfinite(z).all()
     with torch.no_grad():
         assert torch.isfinite(adapter.logits(z, batch)).all()
+
+
+def test_task_step_size_only_for_the_task_budget():
+    """A task's ``alpha`` is the step size of its own PGD (its eps and steps); an attack given another
+    eps or number of steps takes its own default step size instead."""
+    threat = ThreatModel(norm="linf", eps=0.1, steps=10, alpha=0.02)
+    assert build_attack({"name": "pgd"}, threat).alpha == 0.02
+    assert build_attack({"name": "pgd", "eps": 0.3}, threat).alpha is None
+    assert build_attack({"name": "pgd", "steps": 3}, threat).alpha is None
+    assert build_attack({"name": "pgd", "eps": 0.3, "alpha": 0.05}, threat).alpha == 0.05

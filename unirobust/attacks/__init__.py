@@ -17,11 +17,12 @@ def build_attack(spec: dict[str, Any], threat=None):
     name = spec.pop("name")
     cls = ATTACKS.get(name)
     fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    given = set(spec)
     if threat is not None:
         for key in THREAT_KEYS:
             value = getattr(threat, key, None)
-            if key == "alpha" and "steps" not in fields:
-                continue  # the task's alpha is a multi-step size; single-step attacks keep their own
+            if key == "alpha" and ("steps" not in fields or given & {"eps", "steps"}):
+                continue  # the task's alpha is its PGD's step size: not for single-step attacks, nor another budget
             if key in fields and key not in spec and value is not None:
                 spec[key] = value
     return cls(**spec)
