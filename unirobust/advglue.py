@@ -374,15 +374,21 @@ def evaluate_advglue(adapters, source, benign=None, batch_size: int = 64, accele
             "benign_score": advglue_score(results, "benign_") if clean else None}
 
 
-def check_advglue_source(task, source) -> list[str]:
-    """The AdvGLUE task keys of ``task`` (its ``advglue`` field, a key or a list, else those whose GLUE
-    fields are its ``text_fields``), having checked that a local ``source`` reads and holds one of
-    them: ``unirobust eval`` calls this before its attacks, so a wrong ``--advglue`` fails at once."""
+def advglue_keys(task) -> list[str]:
+    """The AdvGLUE task keys of ``task``: its ``advglue`` field (a key or a list), else those whose GLUE
+    fields are its ``text_fields``."""
     keys = getattr(task, "advglue", None)
     keys = [keys] if isinstance(keys, str) else list(keys) if keys else keys_for(task.text_fields, task.num_classes)
     if not keys:
         raise AdvGLUEError(f"task {task.name!r} (fields {task.text_fields}) matches no AdvGLUE task; AdvGLUE "
                            f"covers {', '.join(f'{k} {list(f)}' for k, f in GLUE_FIELDS.items())}")
+    return keys
+
+
+def check_advglue_source(task, source) -> list[str]:
+    """:func:`advglue_keys`, having checked that a local ``source`` reads and holds one of them:
+    ``unirobust eval`` calls this before its attacks, so a wrong ``--advglue`` fails at once."""
+    keys = advglue_keys(task)
     if isinstance(source, Mapping) or Path(str(source)).expanduser().exists() or _looks_like_path(str(source)):
         available = load_advglue(source)
         if not set(keys) & set(available):
@@ -397,7 +403,7 @@ def run_advglue_eval(adapter, task, source, accelerator=None, batch_size: int = 
     whose GLUE fields are the task's ``text_fields``. Returns :func:`evaluate_advglue`'s result plus
     ``"markdown"`` (the table) and ``"source"``.
     """
-    keys = check_advglue_source(task, source)
+    keys = advglue_keys(task)  # evaluate_advglue checks the source itself
     result = evaluate_advglue({k: adapter for k in keys}, source, benign=benign, batch_size=batch_size,
                               accelerator=accelerator, tasks=keys, label_names=list(task.labels))
     result["source"] = str(source)

@@ -187,7 +187,8 @@ class PromptAdapter(TextAdapter):
         self._uses_types = "token_type_ids" in tokenizer.model_input_names
         self._parsed = [self._compile(parse_template(t, self.text_fields, tokenizer.mask_token)) for t in self.templates]
         fixed = max(self._fixed_length(t) for t in self._parsed)
-        if max_length - fixed < len(self.text_fields):
+        self._input_budget = max_length - fixed  # tokens left for the inputs in every template
+        if self._input_budget < len(self.text_fields):
             raise ModelSpecError(f"the templates take {fixed} of max_length={max_length} tokens, leaving less than "
                                  f"one per input field: raise max_length or shorten the templates")
         ids, owner = [], []
@@ -278,10 +279,9 @@ class PromptAdapter(TextAdapter):
             after = next(p[2] for seg in self._parsed[0] for p in seg if p[0] == "field" and p[1] == f)
             for i, ids in enumerate(self._enc.many(texts, after, self.max_length)):
                 field_ids[i].append(ids)
-        budget = self.max_length - max(self._fixed_length(t) for t in self._parsed)
         rows = []  # per example, per template
         for fids in field_ids:
-            keep = _truncate([len(f) for f in fids], budget)
+            keep = _truncate([len(f) for f in fids], self._input_budget)
             fids = [f[:k] for f, k in zip(fids, keep)]
             rows.append([self._build(t, fids) for t in self._parsed])
         longest = max(len(r[0]) for ex in rows for r in ex)
