@@ -10,6 +10,8 @@ sentences), optimiser and budget (``--epochs``):
 - ``mvp``: ``recipes/prompt/sst2_minilm_mvp.yaml``, template + verbalizer read at the mask (MVP);
 - ``mvp_multi``: ``recipes/prompt/sst2_minilm_mvp_multi.yaml``, MVP with two templates and three
   verbalizer words per class (scores averaged), checked against the MVP target on its own;
+- ``mvp_sim``: ``recipes/prompt/sst2_minilm_mvp_sim.yaml``, MVP read as a sentence encoder is trained
+  (``scorer: similarity``: cosine with the label sentence "It was great."), also checked on its own;
 - ``mvp_adv``: ``recipes/prompt/sst2_minilm_mvp_adv.yaml``, MVP with embedding PGD-AT (MVP+Adv).
 
 Each is trained once per seed into ``runs/bench_prompt_<row>/`` (seed 0) or
@@ -54,9 +56,10 @@ from common import RESULTS, evaluate_saved_weights, write_result  # noqa: E402
 from unirobust.compat import ensure_torchvision  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-ROWS = {"mlp": "MLP-FT", "mvp": "MVP", "mvp_multi": "MVP (2 templates, 3 words)", "mvp_adv": "MVP+Adv"}
+ROWS = {"mlp": "MLP-FT", "mvp": "MVP", "mvp_multi": "MVP (2 templates, 3 words)",
+        "mvp_sim": "MVP (similarity scorer)", "mvp_adv": "MVP+Adv"}
 #: rows that are MVP variants, each checked against the MVP target on its own
-MVP_ROWS = ("mvp", "mvp_multi")
+MVP_ROWS = ("mvp", "mvp_multi", "mvp_sim")
 WORD_ATTACKS = ("pwws", "textfooler")
 HELDOUT = REPO.parent / "shared" / "data" / "sst2" / "heldout.tsv"
 

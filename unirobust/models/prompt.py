@@ -16,6 +16,14 @@ the real tokens of the inputs (never template, mask, special or padding tokens),
 defense works unchanged. Further templates take their input tokens from ``z`` (through
 ``batch["prompt_source"]``), so one perturbation of a word acts on all templates alike.
 
+A sentence encoder (all-MiniLM-L6-v2) was trained to embed sentences, not to fill masks: its mask
+state carries almost nothing. ``scorer: similarity`` reads it the way it was trained instead: the
+score of a word is the cosine of the prompted input's mean-pooled embedding (mask included) with the
+mean-pooled embedding of its label sentence, the template's own text with the word at the mask
+(``"It was great."``), times a fixed scale (20, sentence-transformers' contrastive scale). Label
+sentences go through the same encoder in every forward, so they are tuned with it and nothing is
+randomly initialised.
+
 Departures from MVP: the paper uses RoBERTa's MLM head (we fall back to the tied-embedding score
 when the checkpoint has none); multi-word classes average the words' logits; with two inputs and no
 explicit ``[SEP]`` in the template, the sequence is split into segments right before the second
@@ -53,6 +61,7 @@ _PARTS = re.compile(r"\{(\w+)\}|\[MASK\]|\[SEP\]")
 
 # roles of a token in a prompted sequence (input tokens are numbered 0, 1, ... instead)
 TEMPLATE, SPECIAL = -1, -2
+SCORERS = ("mlm", "embedding", "similarity")
 
 
 # ----------------------------------------------------------------------------- templates
@@ -148,8 +157,10 @@ class PromptAdapter(TextAdapter):
     """A masked-LM-style model read through templates and a verbalizer (``head: prompt``).
 
     ``model``: an ``AutoModelForMaskedLM`` (``scorer="mlm"``) or a bare encoder (``scorer="embedding"``:
-    mask hidden state x tied input embedding). ``templates``: strings with ``{field}`` placeholders and
-    one ``[MASK]``. ``verbalizer``: per class, a list of words (each one token).
+    mask hidden state x tied input embedding; ``scorer="similarity"``: ``similarity_scale`` x cosine of
+    the mean-pooled prompted input with the mean-pooled label sentence of each word, see
+    :func:`label_sentence`). ``templates``: strings with ``{field}`` placeholders and one ``[MASK]``.
+    ``verbalizer``: per class, a list of words (each one token, except for ``similarity``).
 
     Batch keys (besides ``input_ids`` / ``attention_mask`` / ``token_type_ids`` of the first template
     and ``labels``): ``input_token_mask`` (B x T, the real input tokens), ``mask_positions`` (B x K),
@@ -161,12 +172,15 @@ class PromptAdapter(TextAdapter):
 
     def __init__(self, model: nn.Module, tokenizer, num_classes: int, text_fields: Sequence[str],
                  templates: Sequence[str], verbalizer: Sequence[Sequence[str]], scorer: str = "mlm",
-                 max_length: int = 128, feature_layer: int = -1):
+                 max_length: int = 128, feature_layer: int = -1, similarity_scale: float = 20.0):
         super().__init__(model, tokenizer, num_classes, text_fields, max_length, feature_layer)
         if tokenizer.mask_token_id is None:
             raise ModelSpecError("head: prompt needs a tokenizer with a mask token")
-        if scorer not in ("mlm", "embedding"):
-            raise ModelSpecError(f"prompt scorer {scorer!r}; valid: auto, mlm, embedding")
+        if scorer not in SCORERS:
+            raise ModelSpecError(f"prompt scorer {scorer!r}; valid: auto, {', '.join(SCORERS)}")
+        if not similarity_scale > 0:
+            raise ModelSpecError(f"similarity_scale must be > 0, got {similarity_scale}")
+        self.similarity_scale = float(similarity_scale)
         if scorer == "mlm" and model.get_output_embeddings() is None:
             raise ModelSpecError("scorer 'mlm' needs a model with a masked-LM head; use scorer: embedding")
         if not templates:
@@ -191,23 +205,30 @@ class PromptAdapter(TextAdapter):
         if self._input_budget < len(self.text_fields):
             raise ModelSpecError(f"the templates take {fixed} of max_length={max_length} tokens, leaving less than "
                                  f"one per input field: raise max_length or shorten the templates")
-        ids, owner = [], []
+        ids, owner, seen = [], [], set()
         for c, words in enumerate(self.verbalizer):
             if not words:
                 raise ModelSpecError(f"verbalizer class {c} has no words")
             for w in words:
                 tok = self._enc.one(w.strip(), after_space=True)
-                if len(tok) != 1 or tok[0] == tokenizer.unk_token_id:
+                if scorer != "similarity" and (len(tok) != 1 or tok[0] == tokenizer.unk_token_id):
                     raise ModelSpecError(f"verbalizer word {w!r} is {tokenizer.convert_ids_to_tokens(tok)} for this "
                                          f"tokenizer; use words that are one known token")
-                if tok[0] in ids:
+                if tuple(tok) in seen:
                     raise ModelSpecError(f"verbalizer word {w!r} is given twice (a word reads one class)")
-                ids.append(tok[0])
+                seen.add(tuple(tok))
+                ids.append(tok[0] if tok else tokenizer.unk_token_id)
                 owner.append(c)
         agg = torch.zeros(num_classes, len(ids))
         agg[owner, range(len(ids))] = 1.0
         self.register_buffer("verbalizer_ids", torch.tensor(ids, dtype=torch.long), persistent=False)
         self.register_buffer("class_average", agg / agg.sum(1, keepdim=True), persistent=False)
+        if scorer == "similarity":  # per template, per word: the template's own text with the word at the mask
+            texts = [label_sentence(t, w.strip(), tokenizer.mask_token) for t in self.templates
+                     for ws in self.verbalizer for w in ws]
+            enc = tokenizer(texts, padding=True, return_tensors="pt")
+            self.register_buffer("label_input_ids", enc["input_ids"], persistent=False)
+            self.register_buffer("label_attention_mask", enc["attention_mask"], persistent=False)
 
     # --------------------------------------------------------------- encoding
 
@@ -379,6 +400,15 @@ class PromptAdapter(TextAdapter):
             with self._decode_only(pos) as fired:
                 out = self.model(inputs_embeds=e, **inputs).logits
             scores = (out[:, 0] if fired else out[rows, pos])[:, self.verbalizer_ids]
+        elif self.scorer == "similarity":
+            h = F.normalize(mean_pool(self.model(inputs_embeds=e, **inputs).last_hidden_state,
+                                      inputs["attention_mask"]), dim=-1)
+            out = self.model(input_ids=self.label_input_ids, attention_mask=self.label_attention_mask)
+            labels = F.normalize(mean_pool(out.last_hidden_state, self.label_attention_mask), dim=-1).to(h.dtype)
+            K, W = e.shape[0] // B, self.verbalizer_ids.numel()
+            # each template's sentence against the label sentences of the same template
+            scores = torch.einsum("bkd,kwd->bkw", h.reshape(B, K, -1), labels.reshape(K, W, -1))
+            return self.similarity_scale * scores
         else:
             h = self.model(inputs_embeds=e, **inputs).last_hidden_state[rows, pos]
             words = self.model.get_input_embeddings().weight[self.verbalizer_ids]
@@ -392,15 +422,32 @@ class PromptAdapter(TextAdapter):
     forward = logits
 
     def features(self, z: Tensor, batch: dict, layer: int | None = None) -> Tensor:
-        """Hidden state of layer ``feature_layer`` (or ``layer``) at the mask, averaged over templates (B x D)."""
+        """Hidden state of layer ``feature_layer`` (or ``layer``) at the mask (scorer ``similarity``: mean
+        over the sequence), averaged over templates (B x D)."""
         B = z.shape[0]
         e, inputs, pos = self._all_templates(z, batch)
         rows = torch.arange(e.shape[0], device=e.device)
         ctx = self._decode_only(pos) if self.scorer == "mlm" else contextlib.nullcontext()
         with ctx:
             out = self.model(inputs_embeds=e, output_hidden_states=True, **inputs)
-        h = out.hidden_states[self.feature_layer if layer is None else layer][rows, pos]
+        h = out.hidden_states[self.feature_layer if layer is None else layer]
+        h = mean_pool(h, inputs["attention_mask"]) if self.scorer == "similarity" else h[rows, pos]
         return h.reshape(B, -1, h.shape[-1]).mean(1)
+
+
+def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """N x T x D -> N x D: mean over the attended tokens (sentence-transformers' pooling)."""
+    m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def label_sentence(template: str, word: str, mask_token: str | None = None) -> str:
+    """``"{sentence} It was [MASK]."`` + ``great`` -> ``"It was great."``: the template's own text with
+    the word at the mask and the input fields left out (what scorer ``similarity`` compares with)."""
+    if mask_token and mask_token != MASK:
+        template = template.replace(mask_token, MASK)
+    text = re.sub(r"\{\w+\}|\[SEP\]", " ", template).replace(MASK, word)
+    return " ".join(text.split())
 
 
 def verbalizer_words(verbalizer: Mapping[str, Any] | Sequence | None, labels: Sequence[str]) -> list[list[str]]:
@@ -429,11 +476,13 @@ def verbalizer_words(verbalizer: Mapping[str, Any] | Sequence | None, labels: Se
 def build_prompt_hf(path: str, task, tokenizer, templates: Sequence[str] | str | None = None,
                     verbalizer: Mapping | Sequence | None = None, scorer: str = "auto", pretrained: bool = True,
                     max_length: int = 128, feature_layer: int = -1, freeze_embeddings: bool = False,
-                    **kwargs) -> PromptAdapter:
+                    similarity_scale: float = 20.0, **kwargs) -> PromptAdapter:
     """``head: prompt`` of ``hf:<model>``: ``AutoModelForMaskedLM`` read through templates + verbalizer.
 
     ``scorer``: ``mlm`` (the checkpoint's MLM head), ``embedding`` (mask hidden state x tied input
-    embeddings, no head) or ``auto`` (``mlm`` if the checkpoint has a complete MLM head, else
+    embeddings, no head), ``similarity`` (cosine of the prompted input's mean-pooled embedding with
+    each verbalizer word's label sentence, times ``similarity_scale``: the objective a sentence
+    encoder was trained on) or ``auto`` (``mlm`` if the checkpoint has a complete MLM head, else
     ``embedding``: a head that would be randomly initialised is dropped). ``templates`` and
     ``verbalizer`` default to the task's fields of those names if it has them; the verbalizer
     defaults to the label names themselves. ``freeze_embeddings``: as for ``head: classifier``.
@@ -445,8 +494,8 @@ def build_prompt_hf(path: str, task, tokenizer, templates: Sequence[str] | str |
     if isinstance(templates, str):
         templates = [templates]
     words = verbalizer_words(verbalizer if verbalizer is not None else getattr(task, "verbalizer", None), task.labels)
-    if scorer not in ("auto", "mlm", "embedding"):
-        raise ModelSpecError(f"prompt scorer {scorer!r}; valid: auto, mlm, embedding")
+    if scorer != "auto" and scorer not in SCORERS:
+        raise ModelSpecError(f"prompt scorer {scorer!r}; valid: auto, {', '.join(SCORERS)}")
     head_missing = False
     if pretrained:
         verbosity = hf_logging.get_verbosity()
@@ -460,7 +509,7 @@ def build_prompt_hf(path: str, task, tokenizer, templates: Sequence[str] | str |
         model = AutoModelForMaskedLM.from_config(AutoConfig.from_pretrained(path, **kwargs))
     if scorer == "auto":
         scorer = "embedding" if head_missing else "mlm"
-    if scorer == "embedding":
+    if scorer in ("embedding", "similarity"):
         model = model.base_model  # the encoder; any MLM head is dropped (not trained, not saved)
     elif head_missing:
         log.warning("%s has no complete masked-LM head (%d weights newly initialised); scorer 'embedding' "
@@ -469,7 +518,7 @@ def build_prompt_hf(path: str, task, tokenizer, templates: Sequence[str] | str |
         model.get_input_embeddings().requires_grad_(False)
     log.info("prompt head: %d template(s), scorer %s", len(templates or []), scorer)
     return PromptAdapter(model, tokenizer, task.num_classes, task.text_fields, templates or [], words, scorer,
-                         max_length, feature_layer)
+                         max_length, feature_layer, similarity_scale)
 
 
 # ----------------------------------------------------------------------------- vision
