@@ -132,6 +132,81 @@ def test_logits_of_embed_equal_direct_embedding_scorer(encoder_model, tokenizer,
     torch.testing.assert_close(ours, direct, rtol=0, atol=1e-5)
 
 
+def test_label_sentence_is_the_template_text_with_the_word():
+    from unirobust.models.prompt import label_sentence
+
+    assert label_sentence(SST_TEMPLATE, "great") == "It was great."
+    assert label_sentence(SST_TEMPLATE_2, "great") == "Review: Overall , a great film !"
+    assert label_sentence(NLI_TEMPLATE, "yes") == "? yes ,"
+    assert label_sentence("{premise} [SEP] Then [MASK] : {hypothesis}", "yes") == "Then yes :"
+    assert label_sentence("{sentence} It was <mask>.", "good", "<mask>") == "It was good."
+
+
+def _mean_pool_embedding(model, enc):
+    h = model(**enc).last_hidden_state
+    m = enc["attention_mask"].unsqueeze(-1).float()
+    return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+
+
+def test_logits_of_embed_equal_direct_similarity_scorer(encoder_model, tokenizer, sentences):
+    """scorer similarity: scale x cosine of the mean-pooled prompted sentence with the mean-pooled
+    label sentences "It was terrible." / "It was great.", each encoded on its own."""
+    adapter = sst_prompt(encoder_model, tokenizer, scorer="similarity", similarity_scale=7.0)
+    batch = adapter.collate(sentences)
+    with torch.no_grad():
+        ours = adapter.logits(adapter.embed(batch), batch)
+        prompted = _mean_pool_embedding(encoder_model, tokenizer(
+            [e["sentence"] + " It was [MASK]." for e in sentences], padding=True, return_tensors="pt"))
+        labels = _mean_pool_embedding(encoder_model, tokenizer(
+            ["It was terrible.", "It was great."], padding=True, return_tensors="pt"))
+    torch.testing.assert_close(ours, 7.0 * prompted @ labels.T, rtol=0, atol=1e-5)
+
+
+def test_similarity_scorer_reads_each_template_against_its_own_label_sentences(encoder_model, tokenizer, sentences):
+    """Two templates: the class score is the mean over templates, each compared with its own label
+    sentences ("It was great." for the first, "Review: Overall , a great film !" for the second)."""
+    both = sst_prompt(encoder_model, tokenizer, templates=(SST_TEMPLATE, SST_TEMPLATE_2), scorer="similarity")
+    firsts = [sst_prompt(encoder_model, tokenizer, templates=(t,), scorer="similarity") for t in (SST_TEMPLATE, SST_TEMPLATE_2)]
+    with torch.no_grad():
+        per = []
+        for a in firsts:
+            batch = a.collate(sentences)
+            per.append(a.logits(a.embed(batch), batch))
+        batch = both.collate(sentences)
+        torch.testing.assert_close(both.logits(both.embed(batch), batch), (per[0] + per[1]) / 2, rtol=0, atol=1e-5)
+
+
+def test_similarity_scorer_tunes_the_label_sentences(encoder_model, tokenizer, sentences):
+    """The label sentences go through the model in every forward: the loss reaches the embedding row of
+    "great", a word that is only in a label sentence, never in the inputs."""
+    import copy
+
+    assert not any("great" in e["sentence"] for e in sentences)
+    adapter = sst_prompt(copy.deepcopy(encoder_model), tokenizer, scorer="similarity").train()
+    batch = adapter.collate(sentences)
+    labels = batch.pop("labels")
+    torch.nn.functional.cross_entropy(adapter.logits(adapter.embed(batch), batch), labels).backward()
+    grad = adapter.model.get_input_embeddings().weight.grad
+    assert grad[tokenizer.convert_tokens_to_ids("great")].abs().sum() > 0
+
+
+def test_similarity_scorer_accepts_multi_token_words_and_checks_its_scale(encoder_model, tokenizer, sentences):
+    words = [["terrible"], ["unputdownable"]]  # several word pieces: fine for a label sentence
+    with pytest.raises(ModelSpecError, match="one known token"):
+        PromptAdapter(encoder_model, tokenizer, 2, ["sentence"], [SST_TEMPLATE], words, "embedding")
+    adapter = PromptAdapter(encoder_model, tokenizer, 2, ["sentence"], [SST_TEMPLATE], words, "similarity").eval()
+    batch = adapter.collate(sentences)
+    with torch.no_grad():
+        assert adapter.logits(adapter.embed(batch), batch).shape == (len(sentences), 2)
+    with pytest.raises(ModelSpecError, match="given twice"):
+        PromptAdapter(encoder_model, tokenizer, 2, ["sentence"], [SST_TEMPLATE], [["un", "great"], ["great"]], "similarity")
+    with pytest.raises(ModelSpecError, match="similarity_scale"):
+        PromptAdapter(encoder_model, tokenizer, 2, ["sentence"], [SST_TEMPLATE], SST_WORDS, "similarity",
+                      similarity_scale=0)
+    with pytest.raises(ModelSpecError, match="valid: auto, mlm, embedding, similarity"):
+        PromptAdapter(encoder_model, tokenizer, 2, ["sentence"], [SST_TEMPLATE], SST_WORDS, "cosine")
+
+
 def test_scores_come_from_the_verbalizer_words(mlm_model, encoder_model, tokenizer, sentences):
     great = tokenizer.convert_tokens_to_ids("great")
     for model, scorer in ((mlm_model, "mlm"), (encoder_model, "embedding")):
@@ -205,7 +280,7 @@ def test_gradient_reaches_the_encoder_and_defense_runs(mlm_model, encoder_model,
 
     from unirobust.defenses.pgd_at import PGDAT
 
-    for model, scorer in ((mlm_model, "mlm"), (encoder_model, "embedding")):
+    for model, scorer in ((mlm_model, "mlm"), (encoder_model, "embedding"), (encoder_model, "similarity")):
         adapter = sst_prompt(copy.deepcopy(model), tokenizer, scorer=scorer).train()
         batch = adapter.collate(sentences)
         out = PGDAT(attack=PGD(eps=0.05, norm="l2", steps=2, relative=True)).loss(adapter, batch)
@@ -271,23 +346,26 @@ def test_build_hf_head_prompt_picks_the_scorer(tmp_path, tokenizer, bert_config)
     task = get_task("sst2-sample")
     options = {"head": "prompt", "templates": [SST_TEMPLATE], "verbalizer": {"negative": ["terrible"], "positive": ["great"]}}
     torch.manual_seed(0)
-    for cls, scorer in ((BertForMaskedLM, "mlm"), (BertModel, "embedding")):
+    for cls, scorer, asked in ((BertForMaskedLM, "mlm", {}), (BertModel, "embedding", {}),
+                               (BertForMaskedLM, "similarity", {"scorer": "similarity"})):
         folder = tmp_path / cls.__name__
-        cls(bert_config()).save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        adapter = build_model(str(folder), task, **options)
+        if not folder.exists():
+            cls(bert_config()).save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+        adapter = build_model(str(folder), task, **options, **asked)
         assert isinstance(adapter, PromptAdapter) and adapter.scorer == scorer
-        assert (adapter.model.get_output_embeddings() is not None) == (scorer == "mlm")
+        assert (adapter.model.get_output_embeddings() is not None) == (scorer == "mlm")  # similarity drops the head
         save_weights(adapter, tmp_path / "w.safetensors")
-        again = build_model(str(folder), task, **options)
+        again = build_model(str(folder), task, **options, **asked)
         load_weights(again, tmp_path / "w.safetensors")
     with pytest.raises(ModelSpecError, match="unknown model head"):
         build_model(str(tmp_path / "BertModel"), task, head="nonsense")
 
 
 def test_features_of_any_layer(mlm_model, encoder_model, tokenizer, sentences):
-    """``features(z, batch, layer=i)`` (what DVERGE's ``layer`` uses) is hidden state ``i`` at the mask."""
-    for model, scorer in ((mlm_model, "mlm"), (encoder_model, "embedding")):
+    """``features(z, batch, layer=i)`` (what DVERGE's ``layer`` uses) is hidden state ``i`` at the mask
+    (scorer similarity: mean-pooled over the prompted sequence)."""
+    for model, scorer in ((mlm_model, "mlm"), (encoder_model, "embedding"), (encoder_model, "similarity")):
         adapter = sst_prompt(model, tokenizer, scorer=scorer)
         batch = adapter.collate(sentences)
         z = adapter.embed(batch)
