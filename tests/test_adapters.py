@@ -225,6 +225,16 @@ def test_text_perturbable_masks_special_and_padding(kind, text_adapter, pair_ada
         assert ((batch["input_ids"] == tokenizer.sep_token_id).sum(1) == 2).all()
 
 
+def test_unknown_word_is_perturbable(text_adapter, tokenizer):
+    """[UNK] is in the tokenizer's special tokens, but it stands for a real input word."""
+    batch = text_adapter.collate([{"sentence": "a \u2603 film", "label": 1}])
+    ids = batch["input_ids"][0]
+    assert tokenizer.unk_token_id in ids.tolist()
+    mask = text_adapter.perturbable(batch)[0]
+    assert mask[ids == tokenizer.unk_token_id].all()
+    assert not mask[ids == tokenizer.cls_token_id].any() and not mask[ids == tokenizer.sep_token_id].any()
+
+
 @pytest.mark.parametrize("kind", ["single", "pair"])
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 @pytest.mark.parametrize("relative", [False, True])

@@ -37,8 +37,9 @@ class TextAdapter(nn.Module):
         self.text_fields = list(text_fields)
         self.max_length = max_length
         self.feature_layer = feature_layer
-        self.register_buffer("special_ids", torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long),
-                             persistent=False)
+        # [UNK] stands for a real input word (one the vocabulary lacks): it moves like any other word
+        special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
+        self.register_buffer("special_ids", torch.tensor(sorted(special), dtype=torch.long), persistent=False)
 
     def _model_inputs(self, batch: dict) -> dict:
         return {k: batch[k] for k in ("attention_mask", "token_type_ids") if k in batch}
@@ -66,7 +67,7 @@ class TextAdapter(nn.Module):
         return (h * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
     def perturbable(self, batch: dict) -> Tensor:
-        """B x T bool: real tokens that are not special tokens ([CLS], [SEP], ...)."""
+        """B x T bool: real tokens that are not special tokens ([CLS], [SEP], ...; [UNK] is a real word)."""
         ids = batch["input_ids"]
         return batch["attention_mask"].bool() & ~torch.isin(ids, self.special_ids.to(ids.device))
 
