@@ -55,6 +55,15 @@ def test_list_tasks_shows_modality_and_classes(capsys):
     assert "text" in sst2 and "2 classes" in sst2
 
 
+def test_list_recipes_here_and_elsewhere(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    code, out, _ = run_main(capsys, "list", "recipes")
+    assert code == 0 and "recipes/quickstart.yaml" in out.splitlines()
+    monkeypatch.chdir(tmp_path)  # no recipes/ folder: say so, not an empty list with exit 0
+    code, out, err = run_main(capsys, "list", "recipes")
+    assert code == 1 and out == "" and "run this from the unirobust repository" in err
+
+
 def test_list_unknown_kind_is_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["list", "widgets"])

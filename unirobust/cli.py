@@ -248,7 +248,11 @@ def cmd_list(args) -> int:
             except Exception as err:  # a broken user task file should not hide the others
                 print(f"{name:16s} INVALID: {err}")
     elif args.what == "recipes":
-        for p in sorted(Path("recipes").glob("**/*.yaml")):
+        found = sorted(Path("recipes").glob("**/*.yaml"))
+        if not found:  # recipes are files of the repository, not of the installed package
+            print(f"no recipes/*.yaml under {Path.cwd()}: run this from the unirobust repository", file=sys.stderr)
+            return 1
+        for p in found:
             print(p)
     else:
         reg = {"models": MODELS, "attacks": ATTACKS, "defenses": DEFENSES}[args.what]
