@@ -200,6 +200,8 @@ def test_similarity_scorer_accepts_multi_token_words_and_checks_its_scale(encode
         assert adapter.logits(adapter.embed(batch), batch).shape == (len(sentences), 2)
     with pytest.raises(ModelSpecError, match="given twice"):
         PromptAdapter(encoder_model, tokenizer, 2, ["sentence"], [SST_TEMPLATE], [["un", "great"], ["great"]], "similarity")
+    with pytest.raises(ModelSpecError, match="empty word"):
+        PromptAdapter(encoder_model, tokenizer, 2, ["sentence"], [SST_TEMPLATE], [[" "], ["great"]], "similarity")
     with pytest.raises(ModelSpecError, match="similarity_scale"):
         PromptAdapter(encoder_model, tokenizer, 2, ["sentence"], [SST_TEMPLATE], SST_WORDS, "similarity",
                       similarity_scale=0)

@@ -210,6 +210,8 @@ class PromptAdapter(TextAdapter):
             if not words:
                 raise ModelSpecError(f"verbalizer class {c} has no words")
             for w in words:
+                if not w.strip():
+                    raise ModelSpecError(f"verbalizer class {c} has an empty word")
                 tok = self._enc.one(w.strip(), after_space=True)
                 if scorer != "similarity" and (len(tok) != 1 or tok[0] == tokenizer.unk_token_id):
                     raise ModelSpecError(f"verbalizer word {w!r} is {tokenizer.convert_ids_to_tokens(tok)} for this "
@@ -217,7 +219,7 @@ class PromptAdapter(TextAdapter):
                 if tuple(tok) in seen:
                     raise ModelSpecError(f"verbalizer word {w!r} is given twice (a word reads one class)")
                 seen.add(tuple(tok))
-                ids.append(tok[0] if tok else tokenizer.unk_token_id)
+                ids.append(tok[0])
                 owner.append(c)
         agg = torch.zeros(num_classes, len(ids))
         agg[owner, range(len(ids))] = 1.0
