@@ -270,6 +270,38 @@ def test_max_train_max_eval(tmp_path):
     assert len(big.train) == len(full.train)
 
 
+def test_limited_and_held_out_splits_are_stratified_and_mixed(tmp_path):
+    """A source sorted by class (as animal-mnist is): ``max_train`` / ``max_eval`` keep each class's
+    share, and every held-out split comes mixed, so the first rows of it (what the monitor, the checks
+    and ``eval.max_examples`` take) hold every class."""
+    n = 300
+    make_ids_npz(tmp_path / "ids.npz", n)  # 100 / 100 / 100, sorted
+    path = write_task(tmp_path, vision_task({"loader": "npz", "path": str(tmp_path / "ids.npz"),
+                                             "holdout": {"test": 0.2, "validation": 0.2}},
+                                            max_train=30, max_eval=21))
+    data = load_task(get_task(str(path)))
+    assert np.bincount(data.train.labels, minlength=3).tolist() == [10, 10, 10]
+    assert np.bincount(data.test.labels, minlength=3).tolist() == [7, 7, 7]
+    full = load_task(get_task(str(path), {"max_train": None, "max_eval": None}))
+    for split in (data.validation, data.test, full.validation, full.test):
+        assert len(np.unique(split.labels[:9])) == 3, split.labels[:9]
+    # another run seed, another sample
+    other = load_task(get_task(str(path)), seed=1)
+    assert not np.array_equal(ids_of(other.train, n), ids_of(data.train, n))
+
+
+def test_small_holdout_without_room_for_every_class(tmp_path):
+    """20 rows of 4 classes, 10% held out: 2 rows cannot hold 4 classes, so the split is not
+    stratified (sklearn would raise); a holdout that leaves nothing is a task error."""
+    np.savez(tmp_path / "s.npz", images=np.zeros((20, 6, 6), np.float32), labels=np.arange(20) % 4)
+    spec = vision_task({"loader": "npz", "path": str(tmp_path / "s.npz"), "holdout": {"validation": 0.1}}, classes=4)
+    data = load_task(get_task(str(write_task(tmp_path, spec, "a"))))
+    assert (len(data.train), len(data.validation)) == (18, 2)
+    spec["source"]["holdout"] = {"validation": 0.99}
+    with pytest.raises(TaskError, match="empty split"):
+        load_task(get_task(str(write_task(tmp_path, spec, "b"))))
+
+
 def test_max_eval_on_text(tmp_path):
     write_lines(tmp_path / "data" / "train.tsv", ["sentence\tlabel"] + [f"s{i}\t{i % 2}" for i in range(20)])
     path = write_task(tmp_path, text_task({"loader": "local", "path": "data",

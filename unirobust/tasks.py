@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -243,21 +244,39 @@ class TaskData:
         return getattr(self, name)
 
 
+def _stratify_by(y: np.ndarray, n_first: int, n_second: int) -> np.ndarray | None:
+    """``y`` if sklearn can split it into parts of ``n_first`` and ``n_second`` rows by class, else None
+    (a class with one row, or more classes than one part has rows)."""
+    classes, counts = np.unique(y, return_counts=True)
+    return y if len(y) and counts.min() >= 2 and len(classes) <= min(n_first, n_second) else None
+
+
 def _stratified_holdout(ds, fraction: float, seed: int):
+    """(rest, held out): ``fraction`` of ``ds``, stratified by class. The held-out part comes in a
+    seeded shuffled order, so its first rows (the monitor's, the checks', ``eval.max_examples``) mix
+    every class even when the source is sorted by class (animal-mnist)."""
     from sklearn.model_selection import train_test_split
 
-    idx = np.arange(len(ds))
-    y = labels_of(ds)
-    stratify = y if np.bincount(y).min() >= 2 else None
-    keep, held = train_test_split(idx, test_size=fraction, random_state=seed, stratify=stratify)
-    return ds.select(np.sort(keep)), ds.select(np.sort(held))
+    n_held = math.ceil(fraction * len(ds))
+    if not 0 < n_held < len(ds):
+        raise TaskError(f"a holdout of {fraction:.3g} of {len(ds)} rows leaves an empty split")
+    stratify = _stratify_by(labels_of(ds), n_held, len(ds) - n_held)
+    keep, held = train_test_split(np.arange(len(ds)), test_size=n_held, random_state=seed, stratify=stratify)
+    return ds.select(np.sort(keep)), ds.select(held)
 
 
 def _shuffled_head(ds, n: int | None, seed: int):
-    """The first ``n`` of a seeded permutation: a class-balanced sample even for sorted data."""
+    """``n`` rows of ``ds`` (``max_train`` / ``max_eval``), seeded and stratified by class (each class
+    keeps its share), in shuffled order; all of ``ds``, in its own order, when ``n`` is None or larger."""
     if n is None or n >= len(ds):
         return ds
-    return ds.select(np.sort(np.random.default_rng(seed).permutation(len(ds))[:n]))
+    from sklearn.model_selection import train_test_split
+
+    stratify = _stratify_by(labels_of(ds), n, len(ds) - n)
+    if stratify is None:
+        return ds.select(np.random.default_rng(seed).permutation(len(ds))[:n])
+    picked, _ = train_test_split(np.arange(len(ds)), train_size=n, random_state=seed, stratify=stratify)
+    return ds.select(picked)
 
 
 def _normalise_labels(task: Task, ds):
