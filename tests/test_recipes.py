@@ -71,6 +71,35 @@ def test_resolved_recipe_holds_the_whole_task(tmp_path, monkeypatch):
     assert again.resolved_task == recipe.resolved_task and again.resolved_task.threat.eps == 0.05
 
 
+def test_run_folder_with_another_task_name_reads_that_task(tmp_path, monkeypatch):
+    """``unirobust eval runs/x task.name=advglue-sst2`` (as the AdvGLUE task files say): the run's
+    recorded task is replaced by the named task's own file, not kept under the new name; other
+    ``task.*`` overrides still apply."""
+    from unirobust.models.base import build_from_config
+    from unirobust.recipe import validate
+    from unirobust.report import save_weights
+    from unirobust.runs import load_run
+
+    recipe = validate({"name": "r", "task": {"name": "digits", "threat": {"eps": 0.05}}, "model": {"spec": "timm:test_resnet"}})
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "recipe.yaml").write_text(recipe.to_yaml())
+    save_weights(build_from_config(recipe.model, recipe.resolved_task), run / "model.safetensors")
+    (tmp_path / "tasks").mkdir()
+    other = yaml.safe_load((REPO / "tasks" / "digits.yaml").read_text())
+    other["name"], other["threat"]["eps"] = "digits-other", 0.2
+    other["source"]["seed"] = 7
+    (tmp_path / "tasks" / "digits-other.yaml").write_text(yaml.safe_dump(other))
+    monkeypatch.chdir(tmp_path)
+    same, _ = load_run(run, ["task.max_eval=9"])
+    assert same.resolved_task.name == "digits" and same.resolved_task.threat.eps == 0.05
+    moved, _ = load_run(run, ["task.name=digits-other", "task.max_eval=9"])
+    task = moved.resolved_task
+    assert (task.name, task.threat.eps, task.source.seed, task.max_eval) == ("digits-other", 0.2, 7, 9)
+    with pytest.raises(RecipeError, match="trained on 'digits'.*'sst2-sample' is text with 2 classes"):
+        load_run(run, ["task.name=sst2-sample"])
+
+
 def test_overrides_are_typed():
     r = load_recipes(DIGITS, ["train.epochs=1", "defense.attack.eps=0.1", "train.lr=0.01",
                               "eval.attacks=[{name: fgsm}, {name: pgd, steps: 3, label: strong}]",

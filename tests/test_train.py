@@ -164,7 +164,7 @@ def test_run_folder_and_eval_of_saved_run(tmp_path):
 
     # Bad input is a usage error (exit 2) before any work, not a traceback.
     assert main(["eval", str(run), "--attack", "pgd:eps=-1"]) == 2
-    assert main(["eval", str(run), "--task", "sst2-sample"]) == 2
+    assert main(["eval", str(run), "--task", "sst2-sample"]) == 2  # a vision run on a text task
     with pytest.raises(SystemExit) as exc:
         main(["eval", str(run), "--max-examples", "-5"])
     assert exc.value.code == 2

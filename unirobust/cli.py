@@ -67,12 +67,8 @@ def load_target(args):
     from .runs import load_run
 
     target = Path(args.target)
-    if (target / "recipe.yaml").exists():
-        recipe, adapter = load_run(target, args.overrides)
-        if args.task and args.task != recipe.resolved_task.name:
-            raise RecipeError(f"--task {args.task} names a task for a model spec; the run {args.target} was "
-                              f"trained on {recipe.resolved_task.name!r} (change its fields with task.<field>=...)")
-        return recipe, adapter
+    if (target / "recipe.yaml").exists():  # --task on a run folder: its model on another task
+        return load_run(target, ([f"task.name={args.task}"] if args.task else []) + list(args.overrides))
     if not args.task:
         raise RecipeError(f"{args.target!r} is not a run folder; to evaluate a model spec, give --task")
     from .models.base import build_from_config
@@ -266,7 +262,7 @@ def add_text_target(parser, n: int) -> None:
     """The arguments ``attack`` and ``advgen`` share: which model, which examples."""
     parser.add_argument("target", help="a run folder (runs/<name>) or a model spec (hf:<id>) with --task")
     parser.add_argument("overrides", nargs="*", help="key.sub=value recipe overrides")
-    parser.add_argument("--task", help="task name, when target is a model spec")
+    parser.add_argument("--task", help="task of a model spec; for a run folder, another task to evaluate it on")
     parser.add_argument("--n", type=int, default=n, help=f"number of examples (default {n})")
     parser.add_argument("--split", choices=["validation", "test"])
 
@@ -289,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Clean accuracy and the per-example worst case over --attack (in order).")
     e.add_argument("target", help="a run folder (runs/<name>) or a model spec (timm:<arch>, hf:<id>)")
     e.add_argument("overrides", nargs="*", help="key.sub=value recipe overrides (e.g. task.max_eval=200)")
-    e.add_argument("--task", help="task name, when target is a model spec")
+    e.add_argument("--task", help="task of a model spec; for a run folder, another task to evaluate it on")
     e.add_argument("--attack", action="append", default=[], metavar="NAME[:k=v,...]",
                    help="attack, repeatable, e.g. pgd:eps=0.1,steps=20 (default: the recipe's eval.attacks)")
     e.add_argument("--split", choices=["validation", "test"])

@@ -129,7 +129,20 @@ def load_run(run_dir: str | Path, overrides: list[str] = ()):
     weights = run_dir / "model.safetensors"
     if not weights.exists():
         raise RecipeError(f"{run_dir} is not a finished run (no model.safetensors)")
-    recipe = validate(apply_overrides(read_yaml(run_dir / "recipe.yaml"), list(overrides)), f"run {run_dir}")
+    raw = read_yaml(run_dir / "recipe.yaml")
+    applied = apply_overrides(raw, list(overrides))
+    recorded = (raw.get("task") or {}).get("name")
+    if isinstance(applied.get("task"), dict) and applied["task"].get("name") != recorded:
+        # another task (``task.name=advglue-sst2``): its own file, not the recorded task under a new name;
+        # the other ``task.*`` overrides still apply
+        applied = apply_overrides({**raw, "task": {"name": applied["task"]["name"]}}, list(overrides))
+    recipe = validate(applied, f"run {run_dir}")
+    if recorded and recipe.resolved_task.name != recorded:
+        trained, now = validate(raw, f"run {run_dir}").resolved_task, recipe.resolved_task
+        if (trained.modality, trained.num_classes) != (now.modality, now.num_classes):
+            raise RecipeError(f"the run {run_dir} was trained on {trained.name!r} ({trained.modality}, "
+                              f"{trained.num_classes} classes); {now.name!r} is {now.modality} with "
+                              f"{now.num_classes} classes")
     adapter = build_model(recipe.model.spec, recipe.resolved_task, ensemble=recipe.model.ensemble,
                           **recipe.model.options)
     load_weights(adapter, weights)
