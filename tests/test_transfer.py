@@ -308,3 +308,39 @@ def test_evaluate_extras_members_and_missing_surrogate(tmp_path, caplog):
     assert "## Ensemble members under" in text and "## Transfer under" in text and "nope" in text
     assert evaluate_extras(validate({**raw, "model": {"spec": "timm:test_resnet"},
                                      "eval": {"attacks": [{"name": "fgsm"}]}}), adapter.members[0], data) == {}
+
+
+def test_word_attacks_are_left_to_evaluate_not_to_the_matrices(tmp_path, bert_config, tokenizer):
+    """``eval.attacks: [pgd, pwws]`` on a text ensemble: the member matrix is measured under the
+    continuous attack only (a word attack is not a function of the embeddings: it crashed the end of
+    the run); ``unirobust transfer --attack pwws`` is a usage error."""
+    from transformers import BertForSequenceClassification
+
+    from unirobust.models.base import build_from_config
+    from unirobust.recipe import RecipeError, validate
+    from unirobust.report import save_weights
+    from unirobust.tasks import load_task
+    from unirobust.transfer_eval import add_transfer_parser, evaluate_extras
+
+    folder = tmp_path / "tiny_bert"
+    BertForSequenceClassification(bert_config()).save_pretrained(folder)  # 2 labels by default
+    tokenizer.save_pretrained(folder)
+    raw = {"name": "ens", "task": {"name": "sst2-sample"},
+           "model": {"spec": f"hf:{folder}", "options": {"max_length": 32}, "ensemble": 2},
+           "eval": {"batch_size": 8, "attacks": [{"name": "pgd", "steps": 1}, {"name": "pwws"}]}}
+    recipe = validate(raw)
+    adapter = build_from_config(recipe.model, recipe.resolved_task)
+    data = load_task(recipe.resolved_task).test.select(range(8))
+    out = evaluate_extras(recipe, adapter, data, None)
+    assert list(out["members"]) == ["pgd(steps=1)"]
+    raw["eval"]["attacks"] = [{"name": "pwws"}]
+    assert evaluate_extras(validate(raw), adapter, data, None) == {}
+    run = tmp_path / "runs" / "ens"
+    run.mkdir(parents=True)
+    (run / "recipe.yaml").write_text(recipe.to_yaml())
+    save_weights(adapter, run / "model.safetensors")
+    parser = argparse.ArgumentParser()
+    add_transfer_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["transfer", "--surrogates", str(run), "--targets", str(run), "--attack", "pwws"])
+    with pytest.raises(RecipeError, match="pwws substitutes words"):
+        args.func(args)

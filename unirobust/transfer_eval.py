@@ -203,6 +203,11 @@ def load_surrogate(spec: str, device=None):
     return adapter.to(device) if device is not None else adapter
 
 
+def continuous_only(attacks: dict) -> dict:
+    """The attacks that perturb the continuous input (not word substitutions, which search texts)."""
+    return {title: a for title, a in attacks.items() if getattr(a, "kind", None) != "word"}
+
+
 def evaluate_extras(recipe, adapter, dataset, accelerator=None) -> dict:
     """What ``runs.execute`` adds to ``metrics["eval"]`` after the cascade: for an ensemble, the
     member-to-member matrix per attack (``members``); with ``eval.transfer.surrogates``, the transfer
@@ -214,7 +219,10 @@ def evaluate_extras(recipe, adapter, dataset, accelerator=None) -> dict:
     configs = (cfg.attacks if cfg and cfg.attacks else recipe.eval.attacks)
     if not configs:
         return {}
-    attacks = build_attacks(configs, task.threat)
+    # word-substitution attacks are another threat model (evaluate() reports them on their own)
+    attacks = continuous_only(build_attacks(configs, task.threat))
+    if not attacks:
+        return {}
     if cfg and cfg.max_examples and cfg.max_examples < len(dataset):
         dataset = dataset.select(range(cfg.max_examples))
     device = accelerator.device if accelerator is not None else _device_of(adapter)
@@ -266,14 +274,23 @@ def cmd_transfer(args) -> int:
     from .tasks import load_task
     from .train import make_accelerator
 
+    from accelerate.utils import set_seed
+
+    from .recipe import RecipeError
+
     recipe, _ = load_run(args.targets[0])
     task = recipe.resolved_task
+    configs = [AttackConfig(**parse_attack(a)) for a in (args.attack or ["mi-fgsm"])]
+    attacks = build_attacks(configs, task.threat)
+    words = sorted(set(attacks) - set(continuous_only(attacks)))
+    if words:
+        raise RecipeError(f"unirobust transfer runs continuous attacks; {', '.join(words)} "
+                          f"substitutes words (use unirobust attack)")
     accelerator = make_accelerator(recipe)
+    set_seed(recipe.seed)  # random starts: the same numbers on every call
     device = accelerator.device
     targets = {t: load_run(t)[1].to(device) for t in args.targets}
     surrogates = {s: targets[s] if s in targets else load_surrogate(s, device) for s in args.surrogates}
-    configs = [AttackConfig(**parse_attack(a)) for a in (args.attack or ["mi-fgsm"])]
-    attacks = build_attacks(configs, task.threat)
     data = first_examples(load_task(task, seed=recipe.seed).split(args.split or recipe.eval.split),
                           args.max_examples or recipe.eval.max_examples)
     batch_size = args.batch_size or recipe.eval.batch_size
