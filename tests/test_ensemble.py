@@ -141,6 +141,31 @@ def test_ensemble_rejects_mixed_members(minilm_tokenizer):
         EnsembleAdapter([toy_cnn(0)], combine="vote")
 
 
+def test_text_ensemble_members_share_one_tokenizer_and_layout(minilm_tokenizer):
+    """Member 0 tokenizes for all: another vocabulary (``runA+runB`` surrogates are built directly,
+    not through build_ensemble) or another layout (a prompt head next to a classifier) would feed a
+    member token ids or positions it does not read that way."""
+    import copy
+
+    from transformers import BertModel
+
+    from unirobust.models.base import ModelSpecError
+    from unirobust.models.prompt import PromptAdapter
+
+    grown = copy.deepcopy(minilm_tokenizer)
+    grown.add_tokens(["zzqxv"])
+    with pytest.raises(ModelSpecError, match="share one tokenizer"):
+        EnsembleAdapter([tiny_text(minilm_tokenizer, 0), tiny_text(grown, 1)])
+    twin = copy.deepcopy(minilm_tokenizer)  # an equal vocabulary in another object is fine
+    assert len(EnsembleAdapter([tiny_text(minilm_tokenizer, 0), tiny_text(twin, 1)])) == 2
+    first = tiny_text(minilm_tokenizer, 0)
+    encoder = BertModel(first.model.config, add_pooling_layer=False)
+    prompt = PromptAdapter(encoder, minilm_tokenizer, 2, ["sentence"], ["{sentence} It was [MASK]."],
+                           [["terrible"], ["great"]], "embedding", max_length=32)
+    with pytest.raises(ModelSpecError, match="share one layout"):
+        EnsembleAdapter([prompt, first])
+
+
 # ----------------------------------------------------------------------------- building from recipes
 
 

@@ -38,6 +38,23 @@ from .base import ModelSpecError
 SHARED_ATTRIBUTES = ("tokenizer", "tokenize", "text_fields", "max_length", "special_ids", "pad_multiple")
 
 
+def _check_one_text_layout(members: Sequence[nn.Module]) -> None:
+    """Text members read one token sequence, tokenized by member 0: they must share its tokenizer
+    vocabulary and its layout (plain, or the same prompt templates)."""
+    def layout(m):
+        return type(m).__name__, tuple(getattr(m, "templates", ())), tuple(m.text_fields)
+
+    first = members[0]
+    vocab = sorted(first.tokenizer.get_vocab().items())
+    for i, m in enumerate(members[1:], start=1):
+        if layout(m) != layout(first):
+            raise ModelSpecError(f"text ensemble member {i} lays out its input as {layout(m)}, member 0 as "
+                                 f"{layout(first)}: members must share one layout (head and templates)")
+        if m.tokenizer is not first.tokenizer and sorted(m.tokenizer.get_vocab().items()) != vocab:
+            raise ModelSpecError("text ensemble members must share one tokenizer (the input perturbation is per "
+                                 f"token); member {i}'s vocabulary differs from member 0's")
+
+
 class EnsembleAdapter(nn.Module):
     """``members``: adapters of one modality and class count; ``combine``: ``logits`` (mean of
     logits) or ``probs`` (mean of softmax probabilities, returned as their log)."""
@@ -54,6 +71,8 @@ class EnsembleAdapter(nn.Module):
                                      "members must share one modality")
             if m.num_classes != first.num_classes:
                 raise ModelSpecError(f"ensemble member {i} has {m.num_classes} classes, member 0 {first.num_classes}")
+        if first.modality == "text":
+            _check_one_text_layout(members)
         if combine not in ("logits", "probs"):
             raise ModelSpecError(f"ensemble combine {combine!r}; valid: logits, probs")
         self.members = nn.ModuleList(members)
@@ -227,8 +246,4 @@ def build_ensemble(spec: str, task, ensemble: Any, **options) -> EnsembleAdapter
                 built.append(build_model(mspec, task, **mopts))
         else:
             built.append(build_model(mspec, task, **mopts))
-    vocabularies = {tuple(sorted(b.tokenizer.get_vocab().items())) if hasattr(b, "tokenizer") else None
-                    for b in built}
-    if len(vocabularies) > 1:
-        raise ModelSpecError("text ensemble members must share one tokenizer (the input perturbation is per token)")
     return EnsembleAdapter(built, combine=combine)
