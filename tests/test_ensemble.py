@@ -33,19 +33,20 @@ TEXT_THREAT = ThreatModel(norm="l2", eps=0.5, relative=True, steps=2)
 SENTENCES = SIX_SENTENCES
 
 
-def toy_batch(n: int = 32, seed: int = 0) -> dict:
+def toy_batch(n: int = 32, seed: int = 0, classes: int = 2) -> dict:
     g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 2, (n,), generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
     s = (2 * y - 1).float().view(-1, 1, 1, 1)
     x = 0.5 + 0.05 * s + 0.05 * torch.randn(n, 1, 16, 16, generator=g)
     x[:, :, 6:10, 6:10] = 0.5 + 0.3 * s
     return {"pixel_values": x.clamp(0, 1), "labels": y}
 
 
-def toy_cnn(seed: int) -> VisionAdapter:
+def toy_cnn(seed: int, classes: int = 2) -> VisionAdapter:
     torch.manual_seed(seed)
-    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 2))
-    return VisionAdapter(net, 2, feature_layer=2)  # features: the conv block's output (first 2 children)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, stride=2), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(8 * 8 * 8, classes))
+    return VisionAdapter(net, classes, feature_layer=2)  # features: the conv block's output (first 2 children)
 
 
 def vision_ensemble(n: int = 3, combine: str = "logits") -> EnsembleAdapter:
@@ -358,7 +359,8 @@ def test_baseline_ensemble_defenses_run_on_both_modalities(name, text_ensemble):
                                (text_ensemble, text_ensemble.collate(SENTENCES), TEXT_THREAT)):
         ens.train()
         ens.zero_grad()
-        out = _step(build_defense({"name": name}, threat), ens, batch)
+        config = {"name": name, "beta": 0.0} if name == "adp" else {"name": name}  # 2 classes: no log-det term
+        out = _step(build_defense(config, threat), ens, batch)
         assert torch.isfinite(out["loss"]) and out["logits"].shape == (len(batch["labels"]), 2)
         assert all(p.grad is not None for m in ens.members for p in m.parameters() if p.requires_grad)
 
@@ -376,17 +378,32 @@ def test_ensemble_erm_is_independent_training():
 
 
 def test_adp_and_gal_regularisers_point_the_right_way():
-    ens = vision_ensemble()
-    batch = toy_batch(16)
-    adp = build_defense({"name": "adp"}, VISION_THREAT).loss(ens, batch)
-    assert adp["log_det"] <= 1e-4 and adp["ensemble_entropy"] <= math.log(2) + 1e-6
+    batch4 = toy_batch(16, classes=4)
+    adp = build_defense({"name": "adp"}, VISION_THREAT).loss(EnsembleAdapter([toy_cnn(0, 4), toy_cnn(1, 4)]), batch4)
+    assert adp["log_det"] <= 1e-4 and adp["ensemble_entropy"] <= math.log(4) + 1e-6
     # identical members: the non-true-class vectors coincide, the Gram matrix is singular
+    same = EnsembleAdapter([toy_cnn(0, 4), toy_cnn(0, 4)])
+    assert build_defense({"name": "adp"}, VISION_THREAT).loss(same, batch4)["log_det"] < adp["log_det"] - 5
+    batch = toy_batch(16)
     twins = EnsembleAdapter([toy_cnn(0), toy_cnn(0)])
-    assert build_defense({"name": "adp"}, VISION_THREAT).loss(twins, batch)["log_det"] < -5
     gal = build_defense({"name": "gal"}, VISION_THREAT).loss(twins, batch)
     torch.testing.assert_close(gal["mean_cosine"], torch.tensor(1.0), rtol=0, atol=1e-5)  # aligned gradients
     gal["loss"].backward()
     assert twins.members[0].net[0].weight.grad.abs().sum() > 0  # double backprop reaches the weights
+
+
+def test_adp_diversity_term_needs_three_classes():
+    """With 2 classes each member's non-maximal prediction is one number, normalised to 1: the log-det
+    is a constant and beta would silently do nothing. With 4 classes beta changes the gradient."""
+    def grads(beta, classes):
+        ens = EnsembleAdapter([toy_cnn(i, classes) for i in range(3)])
+        build_defense({"name": "adp", "beta": beta}, VISION_THREAT).loss(ens, toy_batch(16, classes=classes))["loss"].backward()
+        return torch.cat([p.grad.flatten() for p in ens.parameters()])
+
+    assert (grads(0.5, 4) - grads(0.0, 4)).abs().sum() > 1e-3
+    with pytest.raises(ValueError, match="constant with 2 classes; set beta: 0"):
+        grads(0.5, 2)
+    assert torch.isfinite(grads(0.0, 2)).all()
 
 
 @pytest.mark.parametrize("name", ["dverge", "adp", "gal", "ensemble-erm"])
