@@ -339,6 +339,20 @@ def test_dverge_trains_tiny_vision_ensemble():
     assert set(out) >= {"loss", "logits", "distill_loss", "clean_loss"}
 
 
+def test_dverge_stats_are_counts_and_a_single_example_batch_warns(caplog):
+    """``distilled_correct`` / ``distilled_seen`` are counts (summed over steps and processes like the
+    other defenses' stats); a batch of one has no other example to distil toward, which is said."""
+    ens = vision_ensemble()
+    defense = build_defense({"name": "dverge", "steps": 1}, VISION_THREAT)
+    stats = defense.loss(ens, toy_batch(8))["stats"]
+    assert stats["distilled_seen"] == 3 * 2 * 8  # each member, the other two's copies of 8 examples
+    assert stats["distilled_correct"] == int(stats["distilled_correct"]) <= stats["distilled_seen"]
+    assert "no other example" not in caplog.text
+    defense.loss(ens, toy_batch(1))
+    defense.loss(ens, toy_batch(1))
+    assert caplog.text.count("no other example to distil toward") == 1
+
+
 def test_dverge_trains_tiny_text_ensemble(text_ensemble):
     ens = text_ensemble.train()
     batch = ens.collate(SENTENCES)

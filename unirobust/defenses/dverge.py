@@ -37,7 +37,8 @@ The release's ``--plus-adv`` variant (adding PGD-AT per member) is not built.
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,8 @@ from torch import Tensor
 
 from ..attacks.distill import FeatureDistillation
 from .diversity import ensemble_of, repeat_batch, take_rows
+
+log = logging.getLogger(__name__)
 
 
 def derangement(n: int, device=None) -> Tensor:
@@ -66,6 +69,7 @@ class DVERGE:
     momentum: float = Field(default=1.0, ge=0)
     random_start: bool = False
     clean_weight: float = Field(default=0.0, ge=0)
+    _warned_single: ClassVar[bool] = False
 
     def _layer(self) -> int | None:
         if isinstance(self.layer, list):
@@ -82,6 +86,10 @@ class DVERGE:
         ens = ensemble_of(model, "dverge", minimum=2)
         n, labels = len(ens), batch["labels"]
         b = len(labels)
+        if b < 2 and not self._warned_single:
+            self._warned_single = True
+            log.warning("dverge: a batch of one example (an epoch's last batch, or one example per process) "
+                        "has no other example to distil toward; it trains on its clean example only")
         targets = take_rows(batch, derangement(b, labels.device))
         distil = self.distiller(self._layer())
         distilled = [distil(ens, batch, targets, member=i) for i in range(n)]
@@ -98,6 +106,7 @@ class DVERGE:
         clean_ce = torch.stack([F.cross_entropy(out[i, split:], labels) for i in range(n)])
         loss = ((n - 1) * distill_ce + self.clean_weight * clean_ce).sum()
         clean_logits = ens.combine_logits(out[:, split:]).detach()
+        hit = out[:, :split].argmax(-1) == y[:split]  # every member on the others' distilled copies
         return {"loss": loss, "logits": clean_logits, "distill_loss": distill_ce.mean().detach(),
                 "clean_loss": clean_ce.mean().detach(),
-                "stats": {"distilled_correct": float((out[:, :split].argmax(-1) == y[:split]).float().mean(1).sum())}}
+                "stats": {"distilled_correct": float(hit.sum()), "distilled_seen": float(hit.numel())}}
