@@ -86,6 +86,13 @@ def test_vision_project_ball_and_pixel_range(vision, image_batch, norm, eps):
     torch.testing.assert_close(vision.project(inside, z0, image_batch, threat(eps, norm)), inside, rtol=0, atol=1e-6)
 
 
+def test_vision_refuses_a_relative_budget(vision, image_batch):
+    """A relative budget scales by token embedding norms; on pixels it was silently absolute."""
+    z0 = vision.embed(image_batch)
+    with pytest.raises(ValueError, match="relative budgets"):
+        vision.project(z0, z0, image_batch, threat(0.05, "l2", relative=True))
+
+
 def test_vision_project_linf_saturates_where_pixels_allow(cnn_adapter, image_batch):
     z0 = cnn_adapter.embed(image_batch)
     z = z0 + 1.0  # push every pixel up by far more than eps

@@ -125,6 +125,9 @@ def test_resolve_hf_model(tmp_path, monkeypatch):
     assert offline.resolve_hf_model("someone/shipped") == "someone/shipped"
     from unirobust.models.base import ModelSpecError
 
+    monkeypatch.setenv("HOME", str(tmp_path))  # ~ is expanded: transformers would read "~/x" as a hub id
+    (tmp_path / "tiny").mkdir()
+    assert offline.resolve_hf_model("~/tiny") == str(tmp_path / "tiny")
     for missing in (f"{tmp_path}/absent", "./runs/absent_model", "../absent_model"):  # paths, not hub ids
         with pytest.raises(ModelSpecError, match="not found"):
             offline.resolve_hf_model(missing)

@@ -180,6 +180,15 @@ def test_variants_need_names(tmp_path):
         load_recipes(write(tmp_path, dict(BASE, variants=[{"name": "a"}, {"seed": 1}])))
     with pytest.raises(RecipeError, match="variants must be a list"):
         load_recipes(write(tmp_path, dict(BASE, variants={"a": {}})))
+    with pytest.raises(RecipeError, match="variant name.s. eps used twice"):  # one run folder, one summary row
+        load_recipes(write(tmp_path, dict(BASE, variants=[{"name": "eps"}, {"name": "eps", "seed": 1}])))
+
+
+def test_seed_range_is_checked_before_the_run(tmp_path):
+    for bad in (-1, 2**32):
+        with pytest.raises(RecipeError, match="seed"):
+            load_recipes(write(tmp_path, dict(BASE, seed=bad)))
+    assert load_recipes(write(tmp_path, dict(BASE, seed=2**32 - 1)))[0].seed == 2**32 - 1
 
 
 def test_bad_variant_is_named(tmp_path):

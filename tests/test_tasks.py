@@ -202,6 +202,30 @@ def test_npz_uint8_channel_last(tmp_path):
                                rtol=0, atol=1e-6)
 
 
+def test_images_with_negative_values_are_refused(tmp_path):
+    """Already-normalised images ([-1, 1]) would be clamped into [0, 1] by every attack."""
+    np.savez(tmp_path / "imgs.npz", images=np.linspace(-1, 1, 4 * 36, dtype=np.float32).reshape(4, 6, 6),
+             labels=np.arange(4) % 2)
+    path = write_task(tmp_path, vision_task({"loader": "npz", "path": str(tmp_path / "imgs.npz"),
+                                             "holdout": {"validation": 0.5}}, classes=2))
+    with pytest.raises(TaskError, match="negative values"):
+        load_task(get_task(str(path)))
+
+
+def test_relative_threat_is_for_text_only(tmp_path):
+    spec = vision_task({"loader": "sklearn", "name": "digits"})
+    spec["threat"]["relative"] = True
+    with pytest.raises(Exception, match="text tasks only"):
+        get_task(str(write_task(tmp_path, spec)))
+
+
+def test_missing_package_file_fails_in_check_data():
+    task = get_task("sst2-sample", {"source": {"splits": {"train": "train_typo.tsv"}}})
+    with pytest.raises(TaskError, match="data file not found.*train_typo.tsv"):
+        task.check_data()
+    get_task("sst2-sample").check_data()
+
+
 def test_npz_wrong_shape_and_keys(tmp_path):
     np.savez(tmp_path / "imgs.npz", images=np.zeros((4, 5, 5), np.float32), labels=np.zeros(4, int))
     spec = vision_task({"loader": "npz", "path": str(tmp_path / "imgs.npz"), "holdout": {"validation": 0.5}})

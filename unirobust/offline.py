@@ -181,13 +181,13 @@ def ensure_textattack_ready():
 def resolve_hf_model(name_or_path: str) -> str:
     """Where to load a Hugging Face model from, preferring data already on disk.
 
-    An existing local directory is returned unchanged (a missing one written as a path, ``./x``,
+    An existing local directory is returned (with ``~`` expanded) (a missing one written as a path, ``./x``,
     ``../x``, ``/x`` or ``~/x``, is an error, not a hub id); a hub id listed in :data:`OFFLINE_COPIES`
     whose package is installed resolves to the packaged folder; anything else is returned
     unchanged (the hub id, for users with network).
     """
     if Path(name_or_path).expanduser().is_dir():
-        return name_or_path
+        return str(Path(name_or_path).expanduser())  # transformers does not expand ~
     if name_or_path.startswith(("./", "../", "/", "~")):  # a path, never a hub id
         from .models.base import ModelSpecError
 

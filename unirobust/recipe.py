@@ -142,7 +142,7 @@ class EvalConfig(Strict):
 class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9._/-]+$")
     description: str = ""
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**32, description="numpy, torch and python RNGs (0 .. 2**32 - 1)")
     task: TaskRef
     model: ModelConfig
     defense: DefenseConfig = DefenseConfig()
@@ -301,6 +301,10 @@ def load_recipes(path: str | Path, overrides: list[str] = ()) -> list[Recipe]:
     variants = raw.pop("variants", None) or [{}]
     if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
         raise RecipeError(f"{path}: variants must be a list of partial recipes, each with a name")
+    names = [v.get("name") for v in variants]
+    twice = sorted({str(n) for n in names if n is not None and names.count(n) > 1})
+    if twice:
+        raise RecipeError(f"{path}: variant name(s) {', '.join(twice)} used twice (each variant is a run folder)")
     recipes = []
     for v in variants:
         v = dict(v)

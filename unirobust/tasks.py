@@ -105,6 +105,8 @@ class Task(Strict):
         if self.verbalizer is not None and set(self.verbalizer) != set(self.labels):
             raise ValueError(f"verbalizer keys must be the task's labels {self.labels}")
         if self.modality == "vision":
+            if self.threat.relative:
+                raise ValueError("threat.relative scales the budget by each token's embedding norm: text tasks only")
             if not self.image_shape or len(self.image_shape) != 3:
                 raise ValueError("a vision task needs image_shape: [channels, height, width]")
             for stat in (self.mean, self.std):
@@ -127,9 +129,9 @@ class Task(Strict):
     def check_data(self) -> None:
         """Fail early, with the path, when a local data file is missing (no data is read)."""
         src = self.source
-        if src.loader in ("local", "npz") and src.path:
-            root = self.resolve_path(src.path)
-            paths = [root / f for f in src.splits.values()] if src.loader == "local" else [root]
+        if src.loader == "package" or (src.loader in ("local", "npz") and src.path):
+            root = PACKAGE_DATA / (src.path or "") if src.loader == "package" else self.resolve_path(src.path)
+            paths = [root] if src.loader == "npz" else [root / f for f in src.splits.values()]
             for p in paths:
                 if not p.exists():
                     raise TaskError(f"task {self.name!r}: data file not found: {p} "
@@ -380,6 +382,10 @@ def load_hub(task: Task) -> dict:
 def _images(task: Task, images: np.ndarray) -> np.ndarray:
     """uint8 or float images (N x H x W, N x H x W x C or N x C x H x W) -> float N x C x H x W in [0, 1]."""
     x = np.asarray(images)
+    if x.size and float(x.min()) < 0:
+        raise TaskError(f"task {task.name!r}: images have negative values (min {float(x.min()):.3g}); give raw "
+                        f"pixels (uint8, or floats in [0, 1]): attacks work in [0, 1] and the task's mean / std "
+                        f"normalise inside the model")
     scale = 255.0 if x.dtype == np.uint8 else max(float(x.max()), 1.0)
     x = x.astype(np.float32) / scale
     c, h, w = task.image_shape

@@ -73,6 +73,9 @@ class VisionAdapter(nn.Module):
         return torch.ones_like(batch["pixel_values"], dtype=torch.bool)
 
     def radius(self, z0: Tensor, batch: dict, threat) -> Tensor:
+        if getattr(threat, "relative", False):
+            raise ValueError("relative budgets (eps x each token's embedding norm) are for text models; "
+                             "a pixel budget is absolute")
         return torch.full((z0.shape[0], 1, 1, 1), float(threat.eps), device=z0.device, dtype=z0.dtype)
 
     def project(self, z: Tensor, z0: Tensor, batch: dict, threat) -> Tensor:
