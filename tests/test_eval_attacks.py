@@ -38,7 +38,7 @@ VISION_ATTACKS = {
     "alt-pgd": lambda eps, norm: AltPGD(eps=eps, norm=norm, steps=10),
     "alt-pgd-restart": lambda eps, norm: AltPGD(eps=eps, norm=norm, steps=5, restarts=2, alternate="restart"),
     "cw-l2": lambda eps, norm: CWL2(eps=eps, norm=norm, n_iter=15),
-    "cw-l2-search": lambda eps, norm: CWL2(eps=eps, norm=norm, n_iter=5, binary_search_steps=3, c=0.01),
+    "cw-l2-search": lambda eps, norm: CWL2(eps=eps, norm=norm, n_iter=10, binary_search_steps=3, c=0.01),
 }
 
 
