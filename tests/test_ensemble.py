@@ -165,6 +165,11 @@ def test_text_ensemble_members_share_one_tokenizer_and_layout(minilm_tokenizer):
                            [["terrible"], ["great"]], "embedding", max_length=32)
     with pytest.raises(ModelSpecError, match="share one layout"):
         EnsembleAdapter([prompt, first])
+    # nested ensembles (runA+runB surrogates where a run is an ensemble) compare their members' layout
+    plain_pair = EnsembleAdapter([tiny_text(minilm_tokenizer, 2), tiny_text(minilm_tokenizer, 3)])
+    assert len(EnsembleAdapter([plain_pair, first])) == 2
+    with pytest.raises(ModelSpecError, match="share one layout"):
+        EnsembleAdapter([EnsembleAdapter([prompt]), plain_pair])
 
 
 # ----------------------------------------------------------------------------- building from recipes

@@ -42,7 +42,11 @@ def _check_one_text_layout(members: Sequence[nn.Module]) -> None:
     """Text members read one token sequence, tokenized by member 0: they must share its tokenizer
     vocabulary and its layout (plain, or the same prompt templates)."""
     def layout(m):
-        return type(m).__name__, tuple(getattr(m, "templates", ())), tuple(m.text_fields)
+        while isinstance(m, EnsembleAdapter):  # a nested ensemble (a ``runA+runB`` surrogate of ensembles)
+            m = m.members[0]                    # has checked its own members already
+        templates = getattr(m, "templates", None)
+        return {"head": "prompt" if templates is not None else "plain", "templates": list(templates or []),
+                "text_fields": list(m.text_fields)}
 
     first = members[0]
     vocab = sorted(first.tokenizer.get_vocab().items())
