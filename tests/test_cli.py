@@ -181,3 +181,33 @@ def test_import_and_validation_stay_light():
                           env=subprocess_env(), cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
+
+
+def test_eval_of_a_run_on_another_task_writes_beside_its_own_evaluation(tmp_path, monkeypatch, capsys):
+    """``eval runs/x --task other``: results go to ``runs/x/on-other/eval.json`` and name their task;
+    the run's own ``eval.json`` (and word-attack records) stay as they were."""
+    import json
+
+    import yaml
+
+    from unirobust.models.base import build_from_config
+    from unirobust.recipe import validate
+    from unirobust.report import save_weights
+
+    recipe = validate({"name": "r", "task": {"name": "digits"}, "model": {"spec": "timm:test_resnet"}})
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "recipe.yaml").write_text(recipe.to_yaml())
+    save_weights(build_from_config(recipe.model, recipe.resolved_task), run / "model.safetensors")
+    (tmp_path / "tasks").mkdir()
+    other = yaml.safe_load((REPO / "tasks" / "digits.yaml").read_text())
+    other.update(name="digits-copy")
+    other["threat"]["eps"] = 0.2
+    (tmp_path / "tasks" / "digits-copy.yaml").write_text(yaml.safe_dump(other))
+    monkeypatch.chdir(tmp_path)
+    code, _, _ = run_main(capsys, "eval", str(run), "--task", "digits-copy", "--attack", "fgsm", "task.max_eval=16")
+    assert code == 0 and not (run / "eval.json").exists()
+    result = json.loads((run / "on-digits-copy" / "eval.json").read_text())
+    assert result["task"] == "digits-copy" and result["threat"]["eps"] == 0.2 and result["n"] == 16
+    code, _, _ = run_main(capsys, "eval", str(run), "--attack", "fgsm", "task.max_eval=16")
+    assert code == 0 and json.loads((run / "eval.json").read_text())["task"] == "digits"

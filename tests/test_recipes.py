@@ -96,8 +96,51 @@ def test_run_folder_with_another_task_name_reads_that_task(tmp_path, monkeypatch
     moved, _ = load_run(run, ["task.name=digits-other", "task.max_eval=9"])
     task = moved.resolved_task
     assert (task.name, task.threat.eps, task.source.seed, task.max_eval) == ("digits-other", 0.2, 7, 9)
-    with pytest.raises(RecipeError, match="trained on 'digits'.*'sst2-sample' is text with 2 classes"):
+    with pytest.raises(RecipeError, match="trained on 'digits'.*'sst2-sample' is text"):
         load_run(run, ["task.name=sst2-sample"])
+    reversed_labels = dict(other, name="digits-reversed", labels=list(reversed(other["labels"])))
+    (tmp_path / "tasks" / "digits-reversed.yaml").write_text(yaml.safe_dump(reversed_labels))
+    with pytest.raises(RecipeError, match="same classes"):  # same count, classes in another order
+        load_run(run, ["task.name=digits-reversed"])
+    bigger = dict(other, name="digits-big", image_shape=[1, 16, 16])
+    (tmp_path / "tasks" / "digits-big.yaml").write_text(yaml.safe_dump(bigger))
+    with pytest.raises(RecipeError, match="images"):
+        load_run(run, ["task.name=digits-big"])
+
+
+def test_run_folder_on_another_task_keeps_its_prompt_and_needs_no_training_data(tmp_path, monkeypatch, bert_config,
+                                                                                 tokenizer):
+    """A prompt head built from the trained task's templates and verbalizer keeps them on another task
+    (which may have none, or others); the trained task's data need not exist any more."""
+    from transformers import BertModel
+
+    from unirobust.models.base import build_from_config
+    from unirobust.recipe import validate
+    from unirobust.report import save_weights
+    from unirobust.runs import load_run
+
+    folder = tmp_path / "tiny"
+    BertModel(bert_config()).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (tmp_path / "data").mkdir()
+    rows = "sentence\tlabel\n" + "".join(f"s{i}\t{i % 2}\n" for i in range(8))
+    (tmp_path / "data" / "train.tsv").write_text(rows)
+    (tmp_path / "data" / "dev.tsv").write_text(rows)
+    mine = {"name": "mine", "modality": "text", "text_fields": ["sentence"], "labels": ["negative", "positive"],
+            "threat": {"eps": 0.05},
+            "templates": ["{sentence} It was [MASK]."], "verbalizer": {"negative": ["terrible"], "positive": ["great"]},
+            "source": {"loader": "local", "path": str(tmp_path / "data"),
+                       "splits": {"train": "train.tsv", "validation": "dev.tsv"}}}
+    recipe = validate({"name": "p", "task": mine, "model": {"spec": f"hf:{folder}", "options": {"head": "prompt"}}})
+    run = tmp_path / "runs" / "p"
+    run.mkdir(parents=True)
+    (run / "recipe.yaml").write_text(recipe.to_yaml())
+    save_weights(build_from_config(recipe.model, recipe.resolved_task), run / "model.safetensors")
+    (tmp_path / "data" / "train.tsv").unlink()  # the training data is gone
+    monkeypatch.chdir(REPO)
+    moved, adapter = load_run(run, ["task.name=sst2-sample"])  # sst2-sample has no templates or verbalizer
+    assert moved.resolved_task.name == "sst2-sample"
+    assert adapter.templates == ["{sentence} It was [MASK]."] and adapter.verbalizer == [["terrible"], ["great"]]
 
 
 def test_overrides_are_typed():

@@ -61,6 +61,16 @@ def cmd_run(args, evaluate_after: bool = True) -> int:
     return 0
 
 
+def results_folder(target: Path, task_name: str) -> Path | None:
+    """Where evaluations of ``target`` on ``task_name`` go: the run folder itself for the task it was
+    trained on, ``on-<task>/`` inside it for another (its own results stay); None for a model spec."""
+    from .runs import trained_task_name
+
+    if not (target / "recipe.yaml").exists():
+        return None
+    return target if trained_task_name(target) == task_name else target / f"on-{task_name}"
+
+
 def load_target(args):
     """(recipe, adapter) of ``args.target``: a run folder, or a model spec with ``--task``."""
     from .recipe import apply_overrides, validate
@@ -110,11 +120,11 @@ def cmd_eval(args) -> int:
     accelerator = make_accelerator(recipe)
     adapter = adapter.to(accelerator.device)
     batch_size = args.batch_size or recipe.eval.batch_size
-    run_folder = target if (target / "recipe.yaml").exists() else None
+    run_folder = results_folder(target, task.name)
     set_seed(recipe.seed)  # random starts and restarts: the same numbers on every call
     metrics = evaluate(adapter, data, attacks, accelerator, batch_size, task.labels,
                        threat=task.threat, check_examples=recipe.eval.check_examples, out_dir=run_folder)
-    metrics.update({"seed": recipe.seed, "threat": task.threat.model_dump(mode="json", exclude_none=True),
+    metrics.update({"task": task.name, "seed": recipe.seed, "threat": task.threat.model_dump(mode="json", exclude_none=True),
                     "attacks": {title: c.params() for title, c in zip(attacks, configs)},
                     "environment": environment()})
     advglue = None
@@ -127,7 +137,7 @@ def cmd_eval(args) -> int:
         print("\n" + metrics_table({str(args.target): metrics}))
         if advglue:
             print("\n" + advglue["markdown"])
-        out = Path(args.output) if args.output else (target / "eval.json" if (target / "recipe.yaml").exists() else None)
+        out = Path(args.output) if args.output else (run_folder / "eval.json" if run_folder else None)
         if out:
             atomic_write(out, json.dumps(metrics, indent=2))
             print(f"\nmetrics: {out}")
@@ -183,7 +193,7 @@ def cmd_attack(args) -> int:
         attack = word_attack_of(args.attack, **({"query_budget": args.query_budget} if args.query_budget else {}))
         name = args.attack.replace(":", "_").replace(",", "_").replace("=", "-")
     target = Path(args.target)
-    out = Path(args.out) if args.out else (target if (target / "recipe.yaml").exists() else Path("runs")) / "attacks" / name
+    out = Path(args.out) if args.out else (results_folder(target, recipe.resolved_task.name) or Path("runs")) / "attacks" / name
     accelerator = make_accelerator(recipe)
     adapter = adapter.to(accelerator.device).eval()
     summary = run_word_attack(adapter, examples, attack, out, accelerator, fresh=args.fresh,

@@ -11,7 +11,7 @@ from .evaluate import evaluate
 from .models import build_model
 from .recipe import AttackConfig, Recipe, RecipeError, read_yaml, validate
 from .report import atomic_write, environment, load_weights, save_weights, write_report
-from .tasks import labels_of, load_task
+from .tasks import Task, get_task, labels_of, load_task
 
 log = logging.getLogger("unirobust")
 
@@ -121,6 +121,50 @@ def execute(recipe: Recipe, resume: bool = False, train: bool = True, evaluate_a
     return metrics
 
 
+def trained_task_name(run_dir: str | Path) -> str | None:
+    """The task a run folder was trained on (from its recipe.yaml)."""
+    return (read_yaml(Path(run_dir) / "recipe.yaml").get("task") or {}).get("name")
+
+
+def _recorded_task(raw: dict) -> Task:
+    """The task recorded in a run's recipe.yaml (whole since the recipe hash; older runs name it);
+    its data is not checked: it need not exist any more."""
+    task = dict(raw["task"])
+    return get_task(task.pop("name"), task)
+
+
+def _on_another_task(raw: dict, name: str, overrides: list[str]) -> dict:
+    """The run's recipe on task ``name`` (``task.name=advglue-sst2``): that task's own file, not the
+    recorded task renamed; the other ``task.*`` overrides still apply. A prompt head keeps the
+    templates and verbalizer it was trained with, wherever they came from."""
+    from .recipe import apply_overrides
+
+    trained = _recorded_task(raw)
+    model = dict(raw.get("model") or {})
+    options = dict(model.get("options") or {})
+    if options.get("head") == "prompt":
+        if options.get("templates") is None and trained.templates is not None:
+            options["templates"] = trained.templates
+        if options.get("verbalizer") is None:
+            options["verbalizer"] = trained.verbalizer or {label: [label] for label in trained.labels}
+        model["options"] = options
+    return apply_overrides({**raw, "model": model, "task": {"name": name}}, overrides)
+
+
+def _check_same_outputs(trained: Task, now: Task, run_dir: Path) -> None:
+    """A model trained on ``trained`` reads ``now``'s examples and names its classes the same way."""
+    def shape(t: Task):
+        return (t.modality, [label.lower() for label in t.labels],
+                len(t.text_fields) if t.modality == "text" else list(t.image_shape or []))
+
+    if shape(trained) != shape(now):
+        raise RecipeError(f"the run {run_dir} was trained on {trained.name!r} ({trained.modality}, labels "
+                          f"{trained.labels}{'' if trained.modality == 'text' else f', images {trained.image_shape}'}); "
+                          f"{now.name!r} is {now.modality} with labels {now.labels}"
+                          f"{'' if now.modality == 'text' else f', images {now.image_shape}'}: "
+                          f"evaluate on a task with the same classes (override task.labels if only names differ)")
+
+
 def load_run(run_dir: str | Path, overrides: list[str] = ()):
     """The recipe and trained adapter of a finished run folder."""
     from .recipe import apply_overrides
@@ -132,17 +176,11 @@ def load_run(run_dir: str | Path, overrides: list[str] = ()):
     raw = read_yaml(run_dir / "recipe.yaml")
     applied = apply_overrides(raw, list(overrides))
     recorded = (raw.get("task") or {}).get("name")
-    if isinstance(applied.get("task"), dict) and applied["task"].get("name") != recorded:
-        # another task (``task.name=advglue-sst2``): its own file, not the recorded task under a new name;
-        # the other ``task.*`` overrides still apply
-        applied = apply_overrides({**raw, "task": {"name": applied["task"]["name"]}}, list(overrides))
+    if isinstance(applied.get("task"), dict) and applied["task"].get("name") != recorded and recorded:
+        applied = _on_another_task(raw, applied["task"]["name"], list(overrides))
     recipe = validate(applied, f"run {run_dir}")
     if recorded and recipe.resolved_task.name != recorded:
-        trained, now = validate(raw, f"run {run_dir}").resolved_task, recipe.resolved_task
-        if (trained.modality, trained.num_classes) != (now.modality, now.num_classes):
-            raise RecipeError(f"the run {run_dir} was trained on {trained.name!r} ({trained.modality}, "
-                              f"{trained.num_classes} classes); {now.name!r} is {now.modality} with "
-                              f"{now.num_classes} classes")
+        _check_same_outputs(_recorded_task(raw), recipe.resolved_task, run_dir)
     adapter = build_model(recipe.model.spec, recipe.resolved_task, ensemble=recipe.model.ensemble,
                           **recipe.model.options)
     load_weights(adapter, weights)
