@@ -231,6 +231,8 @@ def test_seed_range_is_checked_before_the_run(tmp_path):
     for bad in (-1, 2**32):
         with pytest.raises(RecipeError, match="seed"):
             load_recipes(write(tmp_path, dict(BASE, seed=bad)))
+        with pytest.raises(RecipeError, match="task.source.seed"):
+            load_recipes(write(tmp_path, dict(BASE, task={"name": "digits", "source": {"seed": bad}})))
     assert load_recipes(write(tmp_path, dict(BASE, seed=2**32 - 1)))[0].seed == 2**32 - 1
 
 
@@ -310,3 +312,17 @@ def test_missing_required_fields(tmp_path):
 def test_defense_without_attack_given_one():
     msg = error_of(["defense.name=erm"])
     assert "takes no attack" in msg
+
+
+def test_checks_of_built_objects_against_the_task_come_before_the_run(tmp_path):
+    """ADP's log-det term on 2 classes and a relative budget on pixels fail validation, not the first
+    training step (after a fresh run has cleared its folder) or the evaluation after training."""
+    adp = {"name": "a", "task": {"name": "sst2-sample"}, "model": {"spec": "hf:sentence-transformers/all-MiniLM-L6-v2",
+                                                                   "ensemble": 2}, "defense": {"name": "adp"}}
+    with pytest.raises(RecipeError, match=r"defense.*constant with 2 classes"):
+        load_recipes(write(tmp_path, adp))
+    assert load_recipes(write(tmp_path, dict(adp, defense={"name": "adp", "beta": 0.0})))
+    for where in ({"eval": {"attacks": [{"name": "pgd", "norm": "l2", "relative": True}]}},
+                  {"defense": {"name": "pgd-at", "attack": {"name": "pgd", "relative": True}}}):
+        with pytest.raises(RecipeError, match="relative budgets .* is vision"):
+            load_recipes(write(tmp_path, dict(BASE, **where)))

@@ -190,13 +190,23 @@ class Recipe(Strict):
             problems.append(f"  model.spec: {self.model.spec!r} needs a source prefix "
                             f"({', '.join(n + ':<name>' for n in MODELS.names())}) or must be a local model folder")
         threat = self._task.threat if self._task is not None else None
+
+        def fits_task(prefix: str, built) -> None:
+            """Checks that need the built object and the task (a pixel budget is never relative)."""
+            if getattr(built, "relative", False) and self._task.modality == "vision":
+                problems.append(f"  {prefix}relative: relative budgets scale by token embedding norms; task "
+                                f"{self._task.name!r} is vision")
+            if hasattr(built, "check_task"):
+                attempt(prefix, built.check_task, self._task)
+
         if threat is not None:
             if self.defense.attack is not None:
-                attempt("defense.attack.", build_attack, self.defense.attack.params(), threat)
+                fits_task("defense.attack.", attempt("defense.attack.", build_attack, self.defense.attack.params(), threat))
             if not any(p.startswith("  defense.attack") for p in problems):
-                attempt("defense.", build_defense, self.defense.model_dump(exclude_none=True), threat)
+                fits_task("defense.", attempt("defense.", build_defense, self.defense.model_dump(exclude_none=True), threat))
             for i, a in enumerate(self.eval.attacks):
                 built = attempt(f"eval.attacks.{i}.", build_attack, a.params(), threat)
+                fits_task(f"eval.attacks.{i}.", built)
                 if getattr(built, "kind", None) == "word" and self._task.modality != "text":
                     problems.append(f"  eval.attacks.{i}: {a.name!r} substitutes words; task "
                                     f"{self._task.name!r} is {self._task.modality}")
@@ -206,7 +216,8 @@ class Recipe(Strict):
                     problems.append(f"  defense.attack: {self.defense.attack.name!r} substitutes words; task "
                                     f"{self._task.name!r} is {self._task.modality}")
             for i, a in enumerate(self.eval.transfer.attacks if self.eval.transfer else []):
-                attempt(f"eval.transfer.attacks.{i}.", build_attack, a.params(), threat)
+                fits_task(f"eval.transfer.attacks.{i}.", attempt(f"eval.transfer.attacks.{i}.", build_attack, a.params(),
+                                                                 threat))
         if problems:
             raise Problems(problems)
         return self

@@ -61,7 +61,7 @@ class DataSource(Strict):
     splits: dict[str, str] = {}      # our split -> source split name or file name
     columns: list[str] | None = None  # column names of header-less csv/tsv files
     holdout: dict[str, float] = {}   # split -> fraction of train, for sources without that split
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**32)  # of the holdout split (sklearn's random_state range)
 
     @field_validator("loader")
     @classmethod

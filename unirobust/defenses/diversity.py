@@ -81,13 +81,16 @@ class ADP:
     log_offset: float = Field(default=1e-20, gt=0)
     det_offset: float = Field(default=1e-6, gt=0)
 
+    def check_task(self, task) -> None:
+        """With 2 classes there is one non-true class: every member's normalised non-maximal prediction
+        is [1], the Gram matrix is all ones and its log-det a constant with no gradient."""
+        if self.beta > 0 and task.num_classes < 3:
+            raise ValueError(f"adp: the diversity term (beta={self.beta}) is constant with {task.num_classes} "
+                             f"classes; set beta: 0 (ADP is then CE - alpha x ensemble entropy)")
+
     def loss(self, model, batch: dict) -> dict:
         ens = ensemble_of(model, "adp", minimum=2)
-        if self.beta > 0 and ens.num_classes < 3:
-            # one non-true class: every member's normalised non-maximal prediction is [1], the Gram
-            # matrix is all ones and its log-det a constant with no gradient
-            raise ValueError(f"adp: the diversity term (beta={self.beta}) is constant with {ens.num_classes} "
-                             f"classes; set beta: 0 (ADP is then CE + alpha x ensemble entropy)")
+        self.check_task(ens)
         n, labels = len(ens), batch["labels"]
         out = _members_at_clean(model, batch, n)  # n x B x K
         ce = torch.stack([F.cross_entropy(o, labels) for o in out]).sum()
