@@ -1,6 +1,7 @@
 """The adapter contract (unirobust/models): embed/logits round trip, projection, masks, collate, predict."""
 from __future__ import annotations
 
+import copy
 import math
 from types import SimpleNamespace
 
@@ -240,6 +241,13 @@ def test_unknown_word_is_perturbable(text_adapter, tokenizer):
     mask = text_adapter.perturbable(batch)[0]
     assert mask[ids == tokenizer.unk_token_id].all()
     assert not mask[ids == tokenizer.cls_token_id].any() and not mask[ids == tokenizer.sep_token_id].any()
+    # a tokenizer whose unknown token is also its separator keeps it frozen
+    from unirobust.models.text import TextAdapter
+
+    shared = copy.deepcopy(tokenizer)
+    shared.unk_token = shared.sep_token
+    adapter = TextAdapter(text_adapter.model, shared, 2, ["sentence"])
+    assert shared.sep_token_id in adapter.special_ids.tolist()
 
 
 @pytest.mark.parametrize("kind", ["single", "pair"])

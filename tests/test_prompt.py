@@ -176,6 +176,20 @@ def test_similarity_scorer_reads_each_template_against_its_own_label_sentences(e
         torch.testing.assert_close(both.logits(both.embed(batch), batch), (per[0] + per[1]) / 2, rtol=0, atol=1e-5)
 
 
+def test_similarity_scorer_scores_in_float32_under_bf16(encoder_model, tokenizer, sentences):
+    """Every score is about 20 x cos: in bf16 (steps of 0.125 near 20) classes would tie or swap."""
+    import copy
+
+    adapter = sst_prompt(copy.deepcopy(encoder_model), tokenizer, scorer="similarity")
+    batch = adapter.collate(sentences)
+    with torch.no_grad():
+        full = adapter.logits(adapter.embed(batch), batch)
+        half = adapter.to(torch.bfloat16)
+        low = half.logits(half.embed(batch), batch)
+    assert low.dtype == torch.float32
+    assert (low - full).abs().max() < 0.5  # bf16 model, float32 scores: close to the float32 model
+
+
 def test_similarity_scorer_tunes_the_label_sentences(encoder_model, tokenizer, sentences):
     """The label sentences go through the model in every forward: the loss reaches the embedding row of
     "great", a word that is only in a label sentence, never in the inputs."""
@@ -200,6 +214,8 @@ def test_similarity_scorer_accepts_multi_token_words_and_checks_its_scale(encode
         assert adapter.logits(adapter.embed(batch), batch).shape == (len(sentences), 2)
     with pytest.raises(ModelSpecError, match="given twice"):
         PromptAdapter(encoder_model, tokenizer, 2, ["sentence"], [SST_TEMPLATE], [["un", "great"], ["great"]], "similarity")
+    with pytest.raises(ModelSpecError, match="no token at all"):  # a zero-width space tokenizes to nothing
+        PromptAdapter(encoder_model, tokenizer, 2, ["sentence"], [SST_TEMPLATE], [["\u200b"], ["great"]], "similarity")
     with pytest.raises(ModelSpecError, match="empty word"):
         PromptAdapter(encoder_model, tokenizer, 2, ["sentence"], [SST_TEMPLATE], [[" "], ["great"]], "similarity")
     with pytest.raises(ModelSpecError, match="similarity_scale"):
@@ -375,6 +391,13 @@ def test_features_of_any_layer(mlm_model, encoder_model, tokenizer, sentences):
             first, last = adapter.features(z, batch, layer=1), adapter.features(z, batch)
         assert first.shape == last.shape == (len(sentences), 32)
         assert not torch.allclose(first, last)
+        if scorer == "similarity":  # the sentence embedding: hidden states mean-pooled over the sequence
+            from unirobust.models.prompt import mean_pool
+
+            with torch.no_grad():
+                h = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          token_type_ids=batch["token_type_ids"], output_hidden_states=True).hidden_states[1]
+            torch.testing.assert_close(first, mean_pool(h, batch["attention_mask"]), rtol=0, atol=1e-5)
         with torch.no_grad():
             assert torch.equal(adapter.features(z, batch, layer=-1), last)
 

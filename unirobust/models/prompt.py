@@ -213,6 +213,8 @@ class PromptAdapter(TextAdapter):
                 if not w.strip():
                     raise ModelSpecError(f"verbalizer class {c} has an empty word")
                 tok = self._enc.one(w.strip(), after_space=True)
+                if not tok:
+                    raise ModelSpecError(f"verbalizer word {w!r} is no token at all for this tokenizer")
                 if scorer != "similarity" and (len(tok) != 1 or tok[0] == tokenizer.unk_token_id):
                     raise ModelSpecError(f"verbalizer word {w!r} is {tokenizer.convert_ids_to_tokens(tok)} for this "
                                          f"tokenizer; use words that are one known token")
@@ -403,10 +405,11 @@ class PromptAdapter(TextAdapter):
                 out = self.model(inputs_embeds=e, **inputs).logits
             scores = (out[:, 0] if fired else out[rows, pos])[:, self.verbalizer_ids]
         elif self.scorer == "similarity":
-            h = F.normalize(mean_pool(self.model(inputs_embeds=e, **inputs).last_hidden_state,
+            # pooling, norms and cosines in float32: with every score near 20 x cos, bf16 rounding ties classes
+            h = F.normalize(mean_pool(self.model(inputs_embeds=e, **inputs).last_hidden_state.float(),
                                       inputs["attention_mask"]), dim=-1)
             out = self.model(input_ids=self.label_input_ids, attention_mask=self.label_attention_mask)
-            labels = F.normalize(mean_pool(out.last_hidden_state, self.label_attention_mask), dim=-1).to(h.dtype)
+            labels = F.normalize(mean_pool(out.last_hidden_state.float(), self.label_attention_mask), dim=-1)
             K, W = e.shape[0] // B, self.verbalizer_ids.numel()
             # each template's sentence against the label sentences of the same template
             scores = torch.einsum("bkd,kwd->bkw", h.reshape(B, K, -1), labels.reshape(K, W, -1))
@@ -419,7 +422,8 @@ class PromptAdapter(TextAdapter):
 
     def logits(self, z: Tensor, batch: dict) -> Tensor:
         """B x C: class scores (mean over its words) averaged over templates."""
-        return (self.word_scores(z, batch) @ self.class_average.T.to(z.dtype)).mean(1)
+        scores = self.word_scores(z, batch)
+        return (scores @ self.class_average.T.to(scores.dtype)).mean(1)
 
     forward = logits
 

@@ -37,8 +37,11 @@ class TextAdapter(nn.Module):
         self.text_fields = list(text_fields)
         self.max_length = max_length
         self.feature_layer = feature_layer
-        # [UNK] stands for a real input word (one the vocabulary lacks): it moves like any other word
-        special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
+        # [UNK] stands for a real input word (one the vocabulary lacks): it moves like any other word,
+        # unless the same token is also another special token (GPT-2's <|endoftext|> is unk, bos and eos)
+        others = {tokenizer.convert_tokens_to_ids(t) for name, t in tokenizer.special_tokens_map.items()
+                  if name != "unk_token" and isinstance(t, str)}
+        special = set(tokenizer.all_special_ids) - ({tokenizer.unk_token_id} - others)
         self.register_buffer("special_ids", torch.tensor(sorted(special), dtype=torch.long), persistent=False)
 
     def _model_inputs(self, batch: dict) -> dict:
