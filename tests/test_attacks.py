@@ -366,3 +366,9 @@ def test_task_step_size_only_for_the_task_budget():
     assert build_attack({"name": "pgd", "eps": 0.3}, threat).alpha is None
     assert build_attack({"name": "pgd", "steps": 3}, threat).alpha is None
     assert build_attack({"name": "pgd", "eps": 0.3, "alpha": 0.05}, threat).alpha == 0.05
+    # CWA's alpha is its outer step (default eps / 5), not a PGD step size
+    small = ThreatModel(norm="linf", eps=0.1, steps=10, alpha=0.01)
+    cwa = build_attack({"name": "cwa"}, small)
+    assert cwa.alpha is None and cwa.step_size == pytest.approx(0.02)  # eps / 5, by its own default
+    assert build_attack({"name": "cwa", "alpha": 0.05}, small).alpha == 0.05
+    assert build_attack({"name": "mi-fgsm"}, small).alpha == 0.01  # MI-FGSM's alpha is its step size

@@ -21,8 +21,10 @@ def build_attack(spec: dict[str, Any], threat=None):
     if threat is not None:
         for key in THREAT_KEYS:
             value = getattr(threat, key, None)
-            if key == "alpha" and ("steps" not in fields or given & {"eps", "steps"}):
-                continue  # the task's alpha is its PGD's step size: not for single-step attacks, nor another budget
+            if key == "alpha" and ("steps" not in fields or given & {"eps", "steps"}
+                                   or not getattr(cls, "takes_task_alpha", True)):
+                continue  # the task's alpha is its PGD's step size: not for single-step attacks, another
+                # budget, or an attack whose alpha means something else (CWA's outer step)
             if key in fields and key not in spec and value is not None:
                 spec[key] = value
     return cls(**spec)

@@ -35,6 +35,7 @@ Shapes: ``z`` B x C x H x W (vision) or B x T x D (text); every attack returns t
 from __future__ import annotations
 
 import logging
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +128,8 @@ class DIMIFGSM(MIFGSM):
 class CWA(MomentumBudget):
     """Common Weakness Attack over an ensemble's members (or one adapter). See the module docstring."""
 
+    #: ``alpha`` is CWA's outer step, not the PGD step size a task's ``threat.alpha`` gives
+    takes_task_alpha: ClassVar[bool] = False
     alpha: float | None = Field(default=None, gt=0, description="outer step; default eps / 5")
     reverse_step: float | None = Field(default=None, ge=0, description="sharpness step; default eps / 15")
     inner_alpha: float = Field(default=10.0, ge=0, description="inner step in L2 sizes of the ball")
