@@ -201,6 +201,21 @@ def test_transfer_matrix_2x2_diagonal_is_white_box(pair, test_set):
     assert again["matrix"] == res["matrix"]
 
 
+def test_transfer_matrix_restores_modes_even_when_an_attack_fails(pair, test_set):
+    def broken(model, batch):
+        raise RuntimeError("attack failed")
+
+    for model in pair.values():
+        model.train()
+    try:
+        with pytest.raises(RuntimeError, match="attack failed"):
+            transfer_matrix(pair, pair, as_dataset(test_set), broken, batch_size=32, threat=MIFGSM(eps=0.1))
+        assert all(model.training for model in pair.values())
+    finally:
+        for model in pair.values():
+            model.eval()
+
+
 def test_ensemble_target_reports_members_and_member_matrix(pair, test_set):
     data = as_dataset(test_set)
     ens = EnsembleAdapter([pair["A"], pair["B"]])

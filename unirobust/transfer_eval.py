@@ -19,6 +19,7 @@ for ensembles) and :func:`cmd_transfer` / :func:`add_transfer_parser` (``unirobu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .models.base import eval_mode
 from .models.ensemble import EnsembleAdapter, is_ensemble
 
 log = logging.getLogger(__name__)
@@ -66,46 +68,44 @@ def transfer_matrix(surrogates: dict[str, Any], targets: dict[str, Any], dataset
     threat = threat or attack
     adapters = {**{id(a): a for a in surrogates.values()}, **{id(a): a for a in targets.values()}}
     names = {id(a): n for n, a in {**surrogates, **targets}.items()}
-    modes = {key: a.training for key, a in adapters.items()}
-    for a in adapters.values():
-        a.eval()
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
-    indices = list(range(len(dataset)))[rank::world]
-    clean = {t: 0.0 for t in targets}
-    cells = {s: {t: 0.0 for t in targets} for s in surrogates}
-    members = {s: {t: [0.0] * len(a) for t, a in targets.items() if isinstance(a, EnsembleAdapter)} for s in surrogates}
-    start, n = time.time(), 0
-    show = accelerator is None or accelerator.is_local_main_process
-    for lo in tqdm(range(0, len(indices), batch_size), desc=desc, disable=not show, dynamic_ncols=True):
-        examples = [dataset[i] for i in indices[lo:lo + batch_size]]
-        batches = {key: _to(a.collate(examples), _device_of(a)) for key, a in adapters.items()}
-        _check_same_tokens(batches, names)
-        with torch.no_grad():
-            z0 = {key: adapters[key].embed(b) for key, b in batches.items()}
-            correct = {t: adapters[id(a)].logits(z0[id(a)], batches[id(a)]).argmax(-1) == batches[id(a)]["labels"]
-                       for t, a in targets.items()}
-        for t in targets:
-            clean[t] += float(correct[t].sum())
-        for s, sa in surrogates.items():
-            sb = batches[id(sa)]
-            z_adv = attack(sa, sb).detach()
-            delta = z_adv - z0[id(sa)]
+    with contextlib.ExitStack() as modes:  # every model in eval mode; each mode restored, also on error
+        for a in adapters.values():
+            modes.enter_context(eval_mode(a))
+        rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+        indices = list(range(len(dataset)))[rank::world]
+        clean = {t: 0.0 for t in targets}
+        cells = {s: {t: 0.0 for t in targets} for s in surrogates}
+        members = {s: {t: [0.0] * len(a) for t, a in targets.items() if isinstance(a, EnsembleAdapter)} for s in surrogates}
+        start, n = time.time(), 0
+        show = accelerator is None or accelerator.is_local_main_process
+        for lo in tqdm(range(0, len(indices), batch_size), desc=desc, disable=not show, dynamic_ncols=True):
+            examples = [dataset[i] for i in indices[lo:lo + batch_size]]
+            batches = {key: _to(a.collate(examples), _device_of(a)) for key, a in adapters.items()}
+            _check_same_tokens(batches, names)
             with torch.no_grad():
-                for t, ta in targets.items():
-                    tb = batches[id(ta)]
-                    if ta is sa:
-                        z = z_adv
-                    else:
-                        base = z0[id(ta)]
-                        z = ta.project(base + delta.to(base.device), base, tb, threat)
-                    ok = correct[t] & (ta.logits(z, tb).argmax(-1) == tb["labels"])
-                    cells[s][t] += float(ok.sum())
-                    if t in members[s]:
-                        for i in range(len(ta)):
-                            members[s][t][i] += float((ta.member_logit(i, z, tb).argmax(-1) == tb["labels"]).sum())
-        n += len(examples)
-    for key, a in adapters.items():
-        a.train(modes[key])
+                z0 = {key: adapters[key].embed(b) for key, b in batches.items()}
+                correct = {t: adapters[id(a)].logits(z0[id(a)], batches[id(a)]).argmax(-1) == batches[id(a)]["labels"]
+                           for t, a in targets.items()}
+            for t in targets:
+                clean[t] += float(correct[t].sum())
+            for s, sa in surrogates.items():
+                sb = batches[id(sa)]
+                z_adv = attack(sa, sb).detach()
+                delta = z_adv - z0[id(sa)]
+                with torch.no_grad():
+                    for t, ta in targets.items():
+                        tb = batches[id(ta)]
+                        if ta is sa:
+                            z = z_adv
+                        else:
+                            base = z0[id(ta)]
+                            z = ta.project(base + delta.to(base.device), base, tb, threat)
+                        ok = correct[t] & (ta.logits(z, tb).argmax(-1) == tb["labels"])
+                        cells[s][t] += float(ok.sum())
+                        if t in members[s]:
+                            for i in range(len(ta)):
+                                members[s][t][i] += float((ta.member_logit(i, z, tb).argmax(-1) == tb["labels"]).sum())
+            n += len(examples)
     totals = {"n": n, "clean": clean, "cells": cells, "members": members}
     if world > 1:
         from accelerate.utils import gather_object
