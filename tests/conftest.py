@@ -5,6 +5,8 @@ MiniLM tokenizer, a plain CNN and ``timm:test_resnet`` on scikit-learn's 8x8 dig
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from unirobust.compat import ensure_torchvision
 
 ensure_torchvision()  # before anything imports timm / transformers (PyPI torchvision is a CUDA build)
@@ -215,3 +217,28 @@ def trained_cnn(digits_task, digits_train_batch, digits_test_batch):
     assert acc > 0.9, f"the tiny digits CNN did not train (test accuracy {acc:.2f})"
     return adapter
 
+
+
+# ----------------------------------------------------------------------------- run folders
+
+
+def write_run(run_dir: Path, raw: dict, seed: int = 0):
+    """A finished run folder without training: the validated recipe ``raw`` and its model's initial
+    weights (seeded). Returns (run_dir, recipe, adapter)."""
+    from unirobust.models.base import build_from_config
+    from unirobust.recipe import validate
+    from unirobust.report import atomic_write, save_weights
+
+    recipe = validate(raw)
+    torch.manual_seed(seed)
+    adapter = build_from_config(recipe.model, recipe.resolved_task)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(run_dir / "recipe.yaml", recipe.to_yaml())
+    save_weights(adapter, run_dir / "model.safetensors")
+    return run_dir, recipe, adapter
+
+
+@pytest.fixture(scope="session")
+def make_run():
+    """``make_run(run_dir, raw_recipe, seed=0)`` -> (run_dir, recipe, adapter), see :func:`write_run`."""
+    return write_run

@@ -183,22 +183,15 @@ def test_import_and_validation_stay_light():
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
 
 
-def test_eval_of_a_run_on_another_task_writes_beside_its_own_evaluation(tmp_path, monkeypatch, capsys):
+def test_eval_of_a_run_on_another_task_writes_beside_its_own_evaluation(tmp_path, monkeypatch, capsys, make_run):
     """``eval runs/x --task other``: results go to ``runs/x/on-other/eval.json`` and name their task;
     the run's own ``eval.json`` (and word-attack records) stay as they were."""
     import json
 
     import yaml
 
-    from unirobust.models.base import build_from_config
-    from unirobust.recipe import validate
-    from unirobust.report import save_weights
-
-    recipe = validate({"name": "r", "task": {"name": "digits"}, "model": {"spec": "timm:test_resnet"}})
-    run = tmp_path / "runs" / "r"
-    run.mkdir(parents=True)
-    (run / "recipe.yaml").write_text(recipe.to_yaml())
-    save_weights(build_from_config(recipe.model, recipe.resolved_task), run / "model.safetensors")
+    run, _, _ = make_run(tmp_path / "runs" / "r", {"name": "r", "task": {"name": "digits"},
+                                                   "model": {"spec": "timm:test_resnet"}})
     (tmp_path / "tasks").mkdir()
     other = yaml.safe_load((REPO / "tasks" / "digits.yaml").read_text())
     other.update(name="digits-copy")

@@ -71,20 +71,14 @@ def test_resolved_recipe_holds_the_whole_task(tmp_path, monkeypatch):
     assert again.resolved_task == recipe.resolved_task and again.resolved_task.threat.eps == 0.05
 
 
-def test_run_folder_with_another_task_name_reads_that_task(tmp_path, monkeypatch):
+def test_run_folder_with_another_task_name_reads_that_task(tmp_path, monkeypatch, make_run):
     """``unirobust eval runs/x task.name=advglue-sst2`` (as the AdvGLUE task files say): the run's
     recorded task is replaced by the named task's own file, not kept under the new name; other
     ``task.*`` overrides still apply."""
-    from unirobust.models.base import build_from_config
-    from unirobust.recipe import validate
-    from unirobust.report import save_weights
     from unirobust.runs import load_run
 
-    recipe = validate({"name": "r", "task": {"name": "digits", "threat": {"eps": 0.05}}, "model": {"spec": "timm:test_resnet"}})
-    run = tmp_path / "runs" / "r"
-    run.mkdir(parents=True)
-    (run / "recipe.yaml").write_text(recipe.to_yaml())
-    save_weights(build_from_config(recipe.model, recipe.resolved_task), run / "model.safetensors")
+    run, _, _ = make_run(tmp_path / "runs" / "r", {"name": "r", "task": {"name": "digits", "threat": {"eps": 0.05}},
+                                                   "model": {"spec": "timm:test_resnet"}})
     (tmp_path / "tasks").mkdir()
     other = yaml.safe_load((REPO / "tasks" / "digits.yaml").read_text())
     other["name"], other["threat"]["eps"] = "digits-other", 0.2
@@ -109,14 +103,11 @@ def test_run_folder_with_another_task_name_reads_that_task(tmp_path, monkeypatch
 
 
 def test_run_folder_on_another_task_keeps_its_prompt_and_needs_no_training_data(tmp_path, monkeypatch, bert_config,
-                                                                                 tokenizer):
+                                                                                 tokenizer, make_run):
     """A prompt head built from the trained task's templates and verbalizer keeps them on another task
     (which may have none, or others); the trained task's data need not exist any more."""
     from transformers import BertModel
 
-    from unirobust.models.base import build_from_config
-    from unirobust.recipe import validate
-    from unirobust.report import save_weights
     from unirobust.runs import load_run
 
     folder = tmp_path / "tiny"
@@ -131,11 +122,8 @@ def test_run_folder_on_another_task_keeps_its_prompt_and_needs_no_training_data(
             "templates": ["{sentence} It was [MASK]."], "verbalizer": {"negative": ["terrible"], "positive": ["great"]},
             "source": {"loader": "local", "path": str(tmp_path / "data"),
                        "splits": {"train": "train.tsv", "validation": "dev.tsv"}}}
-    recipe = validate({"name": "p", "task": mine, "model": {"spec": f"hf:{folder}", "options": {"head": "prompt"}}})
-    run = tmp_path / "runs" / "p"
-    run.mkdir(parents=True)
-    (run / "recipe.yaml").write_text(recipe.to_yaml())
-    save_weights(build_from_config(recipe.model, recipe.resolved_task), run / "model.safetensors")
+    run, _, _ = make_run(tmp_path / "runs" / "p", {"name": "p", "task": mine,
+                                                   "model": {"spec": f"hf:{folder}", "options": {"head": "prompt"}}})
     (tmp_path / "data" / "train.tsv").unlink()  # the training data is gone
     monkeypatch.chdir(REPO)
     moved, adapter = load_run(run, ["task.name=sst2-sample"])  # sst2-sample has no templates or verbalizer

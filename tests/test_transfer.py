@@ -262,20 +262,11 @@ def test_text_transfer_moves_the_perturbation_to_the_target(minilm_tokenizer):
 
 
 def _fake_run(root, name: str, seed: int, ensemble=None):
-    from unirobust.models.base import build_from_config
-    from unirobust.recipe import validate
-    from unirobust.report import atomic_write, save_weights
+    from conftest import write_run
 
     model = {"spec": "timm:test_resnet"} if ensemble is None else {"spec": "timm:test_resnet", "ensemble": ensemble}
-    recipe = validate({"name": name, "seed": seed, "task": {"name": "digits"}, "model": model,
-                       "eval": {"batch_size": 16, "max_examples": 24}})
-    torch.manual_seed(seed)
-    adapter = build_from_config(recipe.model, recipe.resolved_task)
-    run = root / name
-    run.mkdir(parents=True)
-    atomic_write(run / "recipe.yaml", recipe.to_yaml())
-    save_weights(adapter, run / "model.safetensors")
-    return run
+    return write_run(root / name, {"name": name, "seed": seed, "task": {"name": "digits"}, "model": model,
+                                   "eval": {"batch_size": 16, "max_examples": 24}}, seed)[0]
 
 
 def test_cli_transfer_entry_point(tmp_path, capsys):
@@ -325,15 +316,13 @@ def test_evaluate_extras_members_and_missing_surrogate(tmp_path, caplog):
                                      "eval": {"attacks": [{"name": "fgsm"}]}}), adapter.members[0], data) == {}
 
 
-def test_word_attacks_are_left_to_evaluate_not_to_the_matrices(tmp_path, bert_config, tokenizer):
+def test_word_attacks_are_left_to_evaluate_not_to_the_matrices(tmp_path, bert_config, tokenizer, make_run):
     """``eval.attacks: [pgd, pwws]`` on a text ensemble: the member matrix is measured under the
     continuous attack only (a word attack is not a function of the embeddings: it crashed the end of
     the run); ``unirobust transfer --attack pwws`` is a usage error."""
     from transformers import BertForSequenceClassification
 
-    from unirobust.models.base import build_from_config
     from unirobust.recipe import RecipeError, validate
-    from unirobust.report import save_weights
     from unirobust.tasks import load_task
     from unirobust.transfer_eval import add_transfer_parser, evaluate_extras
 
@@ -343,17 +332,12 @@ def test_word_attacks_are_left_to_evaluate_not_to_the_matrices(tmp_path, bert_co
     raw = {"name": "ens", "task": {"name": "sst2-sample"},
            "model": {"spec": f"hf:{folder}", "options": {"max_length": 32}, "ensemble": 2},
            "eval": {"batch_size": 8, "attacks": [{"name": "pgd", "steps": 1}, {"name": "pwws"}]}}
-    recipe = validate(raw)
-    adapter = build_from_config(recipe.model, recipe.resolved_task)
+    run, recipe, adapter = make_run(tmp_path / "runs" / "ens", raw)
     data = load_task(recipe.resolved_task).test.select(range(8))
     out = evaluate_extras(recipe, adapter, data, None)
     assert list(out["members"]) == ["pgd(steps=1)"]
     raw["eval"]["attacks"] = [{"name": "pwws"}]
     assert evaluate_extras(validate(raw), adapter, data, None) == {}
-    run = tmp_path / "runs" / "ens"
-    run.mkdir(parents=True)
-    (run / "recipe.yaml").write_text(recipe.to_yaml())
-    save_weights(adapter, run / "model.safetensors")
     parser = argparse.ArgumentParser()
     add_transfer_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["transfer", "--surrogates", str(run), "--targets", str(run), "--attack", "pwws"])
