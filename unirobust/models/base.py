@@ -66,6 +66,12 @@ def away_from_zero(norm: Tensor) -> Tensor:
     return norm.clamp_min(max(1e-12, torch.finfo(norm.dtype).tiny))
 
 
+def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """N x T x D -> N x D: mean over the attended tokens (sentence-transformers' pooling)."""
+    m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
 def normalize_step(grad: Tensor, norm: str, dims: tuple[int, ...]) -> Tensor:
     """Steepest-ascent direction of unit size: sign for Linf, grad / ||grad||_2 per unit for L2."""
     if norm == "linf":

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import ModelSpecError
+from .base import ModelSpecError, mean_pool
 from .text import TextAdapter
 from .vision import VisionAdapter
 
@@ -439,12 +439,6 @@ class PromptAdapter(TextAdapter):
         h = out.hidden_states[self.feature_layer if layer is None else layer]
         h = mean_pool(h, inputs["attention_mask"]) if self.scorer == "similarity" else h[rows, pos]
         return h.reshape(B, -1, h.shape[-1]).mean(1)
-
-
-def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
-    """N x T x D -> N x D: mean over the attended tokens (sentence-transformers' pooling)."""
-    m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
 def label_sentence(template: str, word: str, mask_token: str | None = None) -> str:

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import clip_to_ball, unit_norm
+from .base import clip_to_ball, mean_pool, unit_norm
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,7 @@ class TextAdapter(nn.Module):
         if not -len(out.hidden_states) <= index < len(out.hidden_states):
             raise ValueError(f"feature layer {index}: the model has hidden states 0..{len(out.hidden_states) - 1} "
                              "(0 = embeddings)")
-        h = out.hidden_states[index]
-        mask = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
-        return (h * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return mean_pool(out.hidden_states[index], batch["attention_mask"])
 
     def perturbable(self, batch: dict) -> Tensor:
         """B x T bool: real tokens that are not special tokens ([CLS], [SEP], ...; [UNK] is a real word)."""

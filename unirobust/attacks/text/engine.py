@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ...models.base import mean_pool
 from .words import WordText
 
 log = logging.getLogger(__name__)
@@ -138,9 +139,7 @@ class SentenceEncoder:
             rows = order[start:start + self.batch_size]
             enc = self.tokenizer([texts[k] for k in rows], padding=True, truncation=True, max_length=256,
                                  return_tensors="pt")
-            h = self.model(**enc).last_hidden_state
-            mask = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
-            e = (h * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+            e = mean_pool(self.model(**enc).last_hidden_state, enc["attention_mask"])
             result[rows] = F.normalize(e, dim=-1)
         self.seconds += time.perf_counter() - began
         return result
