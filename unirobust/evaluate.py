@@ -15,6 +15,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .attacks import split_word_attacks
+
 log = logging.getLogger(__name__)
 
 
@@ -54,8 +56,7 @@ def evaluate(adapter, dataset, attacks: dict[str, object], accelerator, batch_si
     Word-substitution attacks (``kind == "word"``) are a different threat model, so they are not in
     the cascade: each attacks the first ``n`` examples on its own, its per-example results go to
     ``out_dir/attacks/<name>/`` (resumable) and its summary to ``metrics["word_attacks"][name]``."""
-    word = {k: a for k, a in attacks.items() if getattr(a, "kind", None) == "word"}
-    attacks = {k: a for k, a in attacks.items() if k not in word}
+    attacks, word = split_word_attacks(attacks)
     loader = accelerator.prepare_data_loader(
         DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=adapter.collate))
     model = accelerator.unwrap_model(adapter)

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .attacks import split_word_attacks
 from .models.base import eval_mode
 from .models.ensemble import EnsembleAdapter, is_ensemble
 
@@ -203,11 +204,6 @@ def load_surrogate(spec: str, device=None):
     return adapter.to(device) if device is not None else adapter
 
 
-def continuous_only(attacks: dict) -> dict:
-    """The attacks that perturb the continuous input (not word substitutions, which search texts)."""
-    return {title: a for title, a in attacks.items() if getattr(a, "kind", None) != "word"}
-
-
 def evaluate_extras(recipe, adapter, dataset, accelerator=None) -> dict:
     """What ``runs.execute`` adds to ``metrics["eval"]`` after the cascade: for an ensemble, the
     member-to-member matrix per attack (``members``); with ``eval.transfer.surrogates``, the transfer
@@ -220,7 +216,7 @@ def evaluate_extras(recipe, adapter, dataset, accelerator=None) -> dict:
     if not configs:
         return {}
     # word-substitution attacks are another threat model (evaluate() reports them on their own)
-    attacks = continuous_only(build_attacks(configs, task.threat))
+    attacks, _ = split_word_attacks(build_attacks(configs, task.threat))
     if not attacks:
         return {}
     if cfg and cfg.max_examples and cfg.max_examples < len(dataset):
@@ -281,8 +277,7 @@ def cmd_transfer(args) -> int:
     recipe, _ = load_run(args.targets[0])
     task = recipe.resolved_task
     configs = [AttackConfig(**parse_attack(a)) for a in (args.attack or ["mi-fgsm"])]
-    attacks = build_attacks(configs, task.threat)
-    words = sorted(set(attacks) - set(continuous_only(attacks)))
+    attacks, words = split_word_attacks(build_attacks(configs, task.threat))
     if words:
         raise RecipeError(f"unirobust transfer runs continuous attacks; {', '.join(words)} "
                           f"substitutes words (use unirobust attack)")

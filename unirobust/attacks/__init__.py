@@ -28,3 +28,10 @@ def build_attack(spec: dict[str, Any], threat=None):
             if key in fields and key not in spec and value is not None:
                 spec[key] = value
     return cls(**spec)
+
+
+def split_word_attacks(attacks: dict) -> tuple[dict, dict]:
+    """``(continuous, word)``: title -> attack, split by threat model. Word substitutions
+    (``kind == "word"``) search texts; the others perturb the continuous input."""
+    word = {title: a for title, a in attacks.items() if getattr(a, "kind", None) == "word"}
+    return {title: a for title, a in attacks.items() if title not in word}, word
