@@ -249,15 +249,12 @@ def fit(recipe: Recipe, adapter, train_set, accelerator, run_dir: Path, resume: 
 
     def close_epoch(epoch: int, sums, stats: dict[str, float]) -> None:
         """The epoch's history entry (loss, accuracy and defense stats over all ranks; the monitor)."""
-        sums = accelerator.reduce(sums, reduction="sum")
-        if sums[2] <= 0:
+        totals = epoch_sums(accelerator, sums, stats)
+        loss_sum, correct, count = totals["sums"]
+        if count <= 0:
             return
-        entry = {"epoch": epoch, "step": step, "loss": (sums[0] / sums[2]).item(),
-                 "train_accuracy": (sums[1] / sums[2]).item()}
-        if stats:
-            keys = sorted(stats)
-            totals = accelerator.reduce(torch.tensor([stats[k] for k in keys], device=accelerator.device), "sum")
-            entry.update({k: v.item() for k, v in zip(keys, totals)})
+        entry = {"epoch": epoch, "step": step, "loss": loss_sum / count, "train_accuracy": correct / count,
+                 **totals["stats"]}
         if monitor is not None:
             entry.update(monitor.check(view.unwrapped, epoch))
         history.append(entry)
