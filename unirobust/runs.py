@@ -123,7 +123,11 @@ def execute(recipe: Recipe, resume: bool = False, train: bool = True, evaluate_a
 
 def trained_task_name(run_dir: str | Path) -> str | None:
     """The task a run folder was trained on (from its recipe.yaml)."""
-    return (read_yaml(Path(run_dir) / "recipe.yaml").get("task") or {}).get("name")
+    return _task_name(read_yaml(Path(run_dir) / "recipe.yaml"))
+
+
+def _task_name(raw: dict) -> str | None:
+    return (raw.get("task") or {}).get("name")
 
 
 def _recorded_task(raw: dict) -> Task:
@@ -133,13 +137,12 @@ def _recorded_task(raw: dict) -> Task:
     return get_task(task.pop("name"), task)
 
 
-def _on_another_task(raw: dict, name: str, overrides: list[str]) -> dict:
+def _on_another_task(raw: dict, trained: Task, name: str, overrides: list[str]) -> dict:
     """The run's recipe on task ``name`` (``task.name=advglue-sst2``): that task's own file, not the
     recorded task renamed; the other ``task.*`` overrides still apply. A prompt head keeps the
-    templates and verbalizer it was trained with, wherever they came from."""
+    templates and verbalizer it was trained with (on ``trained``), wherever they came from."""
     from .recipe import apply_overrides
 
-    trained = _recorded_task(raw)
     model = dict(raw.get("model") or {})
     options = dict(model.get("options") or {})
     if options.get("head") == "prompt":
@@ -175,12 +178,13 @@ def load_run(run_dir: str | Path, overrides: list[str] = ()):
         raise RecipeError(f"{run_dir} is not a finished run (no model.safetensors)")
     raw = read_yaml(run_dir / "recipe.yaml")
     applied = apply_overrides(raw, list(overrides))
-    recorded = (raw.get("task") or {}).get("name")
-    if isinstance(applied.get("task"), dict) and applied["task"].get("name") != recorded and recorded:
-        applied = _on_another_task(raw, applied["task"]["name"], list(overrides))
+    recorded, asked = _task_name(raw), _task_name(applied) if isinstance(applied.get("task"), dict) else None
+    trained = _recorded_task(raw) if recorded and asked and asked != recorded else None  # on another task
+    if trained is not None:
+        applied = _on_another_task(raw, trained, asked, list(overrides))
     recipe = validate(applied, f"run {run_dir}")
-    if recorded and recipe.resolved_task.name != recorded:
-        _check_same_outputs(_recorded_task(raw), recipe.resolved_task, run_dir)
+    if trained is not None:
+        _check_same_outputs(trained, recipe.resolved_task, run_dir)
     adapter = build_model(recipe.model.spec, recipe.resolved_task, ensemble=recipe.model.ensemble,
                           **recipe.model.options)
     load_weights(adapter, weights)
