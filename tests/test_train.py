@@ -103,6 +103,8 @@ def test_fresh_run_starts_clean_and_grad_accum_keeps_every_epoch(tmp_path):
     (run / "checkpoints" / "step_99" / "trainer_state.json").write_text('{"step": 99}')
     (run / "metrics.json").write_text("{}")
     (run / "eval.json").write_text("{}")
+    (run / "on-other").mkdir()
+    (run / "on-other" / "eval.json").write_text("{}")
     recipe_file = write_recipe(tmp_path / "tiny.yaml", output_dir=str(tmp_path / "runs"))
     recipe = load_recipes(recipe_file, ["task.max_train=128", "train.grad_accum=3", "train.checkpoint_every=2",
                                         "defense.name=erm", "defense.attack=null"])[0]
@@ -110,7 +112,7 @@ def test_fresh_run_starts_clean_and_grad_accum_keeps_every_epoch(tmp_path):
     assert metrics["train"]["steps"] == 4
     assert [h["epoch"] for h in metrics["train"]["history"]] == [0, 1]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_2", "step_4"]
-    assert not (run / "eval.json").exists()
+    assert not (run / "eval.json").exists() and not (run / "on-other").exists()
 
     # resuming from the checkpoint at the end of an epoch (step 2), or at the very end (step 4), gives
     # the same history: the epoch the checkpoint closed is written as the run wrote it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 from .attacks import build_attack
@@ -88,6 +89,8 @@ def execute(recipe: Recipe, resume: bool = False, train: bool = True, evaluate_a
     if main and train and not resume:  # an earlier run's results must not pass for this one's
         for name in RESULTS:
             (run_dir / name).unlink(missing_ok=True)
+        for other in run_dir.glob("on-*"):  # its evaluations on other tasks (eval --task)
+            shutil.rmtree(other, ignore_errors=True)
     with LogToFile(run_dir / ("log.txt" if main else f"log.{accelerator.process_index}.txt")):
         if main:
             atomic_write(run_dir / "recipe.yaml", recipe.to_yaml())
