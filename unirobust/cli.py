@@ -120,10 +120,10 @@ def cmd_eval(args) -> int:
     accelerator = make_accelerator(recipe)
     adapter = adapter.to(accelerator.device)
     batch_size = args.batch_size or recipe.eval.batch_size
-    run_folder = results_folder(target, task.name)
+    results = results_folder(target, task.name)
     set_seed(recipe.seed)  # random starts and restarts: the same numbers on every call
     metrics = evaluate(adapter, data, attacks, accelerator, batch_size, task.labels,
-                       threat=task.threat, check_examples=recipe.eval.check_examples, out_dir=run_folder)
+                       threat=task.threat, check_examples=recipe.eval.check_examples, out_dir=results)
     metrics.update({"task": task.name, "seed": recipe.seed, "threat": task.threat.model_dump(mode="json", exclude_none=True),
                     "attacks": {title: c.params() for title, c in zip(attacks, configs)},
                     "environment": environment()})
@@ -137,7 +137,7 @@ def cmd_eval(args) -> int:
         print("\n" + metrics_table({str(args.target): metrics}))
         if advglue:
             print("\n" + advglue["markdown"])
-        out = Path(args.output) if args.output else (run_folder / "eval.json" if run_folder else None)
+        out = Path(args.output) if args.output else (results / "eval.json" if results else None)
         if out:
             atomic_write(out, json.dumps(metrics, indent=2))
             print(f"\nmetrics: {out}")
