@@ -488,6 +488,30 @@ def test_decode_examples_round_trip(make_text_adapter):
                 {"premise": "it rains", "hypothesis": "the street is dry", "label": 0}]
     batch = adapter.collate(examples)
     assert decode_examples(adapter, batch, [0, 1]) == examples
+    # a pair model without token type ids (RoBERTa, DistilBERT): the fields are told apart by [SEP]
+    batch.pop("token_type_ids")
+    assert decode_examples(adapter, batch, [0, 1]) == examples
+    # an empty field leaves nothing to match it to: that row is left out, the others are decoded
+    batch = adapter.collate([{"premise": "it rains", "hypothesis": "", "label": 1}, examples[1]])
+    batch.pop("token_type_ids")
+    assert decode_examples(adapter, batch, [0, 1]) == [examples[1]]
+
+
+def test_decode_examples_of_a_prompt_head_leaves_out_the_template(tokenizer, bert_config):
+    from transformers import BertForMaskedLM
+
+    from unirobust.defenses.discrete_at import decode_examples
+    from unirobust.models.prompt import PromptAdapter
+
+    model = BertForMaskedLM(bert_config())
+    single = PromptAdapter(model, tokenizer, 2, ["sentence"], ["{sentence} It was [MASK]."], [["bad"], ["good"]], "mlm")
+    examples = [{"sentence": "a funny and moving film", "label": 1}, {"sentence": "dull", "label": 0}]
+    assert decode_examples(single, single.collate(examples), [0, 1]) == examples
+    pair = PromptAdapter(model, tokenizer, 3, ["premise", "hypothesis"], ["{premise} ? [MASK] , {hypothesis}"],
+                         [["yes"], ["maybe"], ["no"]], "mlm")
+    examples = [{"premise": "a man plays a guitar", "hypothesis": "someone makes music", "label": 0},
+                {"premise": "it rains", "hypothesis": "the street is dry", "label": 2}]
+    assert decode_examples(pair, pair.collate(examples), [0, 1]) == examples
 
 
 def test_discrete_at_trains_on_adversarial_examples(tokenizer):

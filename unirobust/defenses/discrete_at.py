@@ -26,19 +26,38 @@ from pydantic.dataclasses import dataclass
 from ..models.base import eval_mode, unwrap
 
 
+def _runs(positions: list[int]) -> list[list[int]]:
+    """Consecutive stretches of sorted positions: [1, 2, 3, 6, 7] -> [[1, 2, 3], [6, 7]]."""
+    runs: list[list[int]] = []
+    for p in positions:
+        if runs and p == runs[-1][-1] + 1:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    return runs
+
+
 def decode_examples(adapter, batch: dict, rows: list[int]) -> list[dict]:
-    """The example dicts (text fields + label) behind ``rows`` of a tokenized text batch."""
+    """The example dicts (text fields + label) behind ``rows`` of a tokenized text batch.
+
+    A field is a stretch of the adapter's input tokens (``perturbable``: no special token, and no
+    template token of a prompt head); fields are told apart by what separates them ([SEP], template
+    words), so pairs decode with or without token type ids. A row whose stretches cannot be matched
+    to its fields one to one (a field truncated away, a pair template with nothing between its
+    fields) is left out.
+    """
     tok = adapter.tokenizer
+    fields = adapter.text_fields
+    inputs = adapter.perturbable(batch)
     out = []
     for r in rows:
-        ids = batch["input_ids"][r][batch["attention_mask"][r].bool()]
-        segments = batch.get("token_type_ids")
-        fields = adapter.text_fields
-        if len(fields) == 1 or segments is None:
-            texts = [tok.decode(ids, skip_special_tokens=True)]
-        else:
-            seg = segments[r][batch["attention_mask"][r].bool()]
-            texts = [tok.decode(ids[seg == s], skip_special_tokens=True) for s in range(len(fields))]
+        runs = _runs(inputs[r].nonzero().flatten().tolist())
+        if len(fields) == 1:
+            runs = [[p for run in runs for p in run]]
+        if len(runs) != len(fields):
+            continue
+        ids = batch["input_ids"][r]
+        texts = [tok.decode(ids[run], clean_up_tokenization_spaces=False) for run in runs]
         out.append({**dict(zip(fields, texts)), "label": int(batch["labels"][r])})
     return out
 
@@ -60,7 +79,7 @@ class DiscreteAT:
         logits = model.logits(z, batch)
         per = F.cross_entropy(logits, batch["labels"], reduction="none")
         rows = list(range(max(1, round(self.fraction * len(per)))))
-        examples = decode_examples(adapter, batch, rows)
+        examples = decode_examples(adapter, batch, rows)  # rows it cannot decode are not attacked
         self.attack.pin_vectors(adapter)  # word vectors of the first batch's model, kept for the run
         with eval_mode(adapter):
             records, _ = attack_examples(adapter, examples, self.attack, progress=False)
@@ -73,4 +92,4 @@ class DiscreteAT:
             total = total + self.adv_weight * adv_per.sum()
             count += self.adv_weight * len(adv_per)
         return {"loss": total / count, "logits": logits,
-                "stats": {"attacked": float(len(rows)), "adversarial_examples": float(len(adversarial))}}
+                "stats": {"attacked": float(len(examples)), "adversarial_examples": float(len(adversarial))}}
