@@ -191,6 +191,18 @@ def test_build_ensemble_from_spec_and_member_list(digits_task):
         assert torch.equal(a, b)  # a member's seed pins its initialisation
 
 
+def test_members_that_start_identical_are_warned_about(digits_task, caplog):
+    torch.manual_seed(3)
+    with caplog.at_level("WARNING", logger="unirobust.models.ensemble"):
+        build_model("timm:test_resnet", digits_task, ensemble=[{}, {}, {"seed": 3}])
+    warned = [r.getMessage() for r in caplog.records if "identical weights" in r.getMessage()]
+    assert len(warned) == 1 and "members 0 and 2" in warned[0]  # seeded like the first unseeded member
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="unirobust.models.ensemble"):
+        build_model("timm:test_resnet", digits_task, ensemble=[{}, {}, {"seed": 4}])
+    assert not [r for r in caplog.records if "identical weights" in r.getMessage()]
+
+
 def test_recipe_ensemble_field_forms(digits_task):
     from unirobust.recipe import RecipeError, validate
 

@@ -11,7 +11,7 @@ apart), so a point ``z`` in the first member's embedding space is passed on as a
 member i receives ``embed_i(batch) + (z - embed_0(batch))`` — its own embedding of the same tokens
 plus the same per-token delta. With tied or identical embeddings this is ``z`` itself; the ball (and
 its ``relative`` radius) is measured in the first member's embedding space. Members must therefore
-tokenize identically (one tokenizer); ``build_ensemble`` checks the vocabularies.
+tokenize identically (one tokenizer); the adapter checks the vocabularies.
 
 Training with several member outputs at once. ``logits(zs, batch)`` with ``zs`` a list of N points
 (one per member, same batch) returns the stacked member logits, N x B x K, from one call — so the
@@ -25,6 +25,7 @@ Accelerate's ``prepare`` see them.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Literal, Sequence
 
@@ -36,6 +37,8 @@ from .base import ModelSpecError
 
 #: attributes read from the first member (all members share them): what text attacks and collation use.
 SHARED_ATTRIBUTES = ("tokenizer", "tokenize", "text_fields", "max_length", "special_ids", "pad_multiple")
+
+log = logging.getLogger(__name__)
 
 
 def _check_one_text_layout(members: Sequence[nn.Module]) -> None:
@@ -236,6 +239,7 @@ def build_ensemble(spec: str, task, ensemble: Any, **options) -> EnsembleAdapter
     ``model.options``; ``ensemble: {members: 3 | [...], combine: logits | probs}`` also sets the rule.
     Members are built one after another from the global RNG (so copies start from different random
     weights, reproducibly under the run's seed); a member's ``seed`` pins its own initialisation.
+    Members that start with identical weights are warned about: they would train alike.
     """
     from .base import build_model
 
@@ -250,4 +254,16 @@ def build_ensemble(spec: str, task, ensemble: Any, **options) -> EnsembleAdapter
                 built.append(build_model(mspec, task, **mopts))
         else:
             built.append(build_model(mspec, task, **mopts))
+    for i, j in identical_members(built):
+        log.warning("ensemble members %d and %d start with identical weights (a member seed equal to the run's "
+                    "seed, or a checkpoint with nothing random in it): they will train alike and add no "
+                    "diversity; give them different seeds", i, j)
     return EnsembleAdapter(built, combine=combine)
+
+
+def identical_members(members: Sequence[nn.Module]) -> list[tuple[int, int]]:
+    """Pairs (i, j), i < j, of members whose state dicts are equal tensor for tensor."""
+    states = [m.state_dict() for m in members]
+    return [(i, j) for j in range(len(states)) for i in range(j)
+            if states[i].keys() == states[j].keys()
+            and all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(states[i].values(), states[j].values()))]

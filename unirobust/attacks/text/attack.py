@@ -47,7 +47,9 @@ class WordAttack:
     beam_width: int = Field(default=4, ge=1)
     early_exit: bool = True
     stopwords: bool = True
-    max_change: float = Field(default=1.0, gt=0, le=1)
+    max_change: float = Field(default=1.0, gt=0, le=1, description=(
+        "share of the attacked field's words that may change; counted over the whole text, as "
+        "TextAttack's MaxWordsPerturbed does, so words past the model's max_length count too"))
     min_change_words: int = Field(default=1, ge=1)
     max_edit_distance: int | None = Field(default=None, ge=1)
     pos: bool = False
