@@ -1,7 +1,7 @@
 """MLP-FT vs MVP vs MVP+Adv on SST-2 with MiniLM, under word substitutions and an AdvGLUE-style set (issue 4).
 
     python bench/bench_prompt.py [--epochs 2] [--n 200] [--advgen-n 400] [--advgen-attack deepwordbug]
-        [--rows mlp,mvp,...] [--seeds 0,1,2] [--lr 2e-5]
+        [--rows mlp,mvp,...] [--seeds 0,1,2] [--lr 2e-5] [--model hf:roberta-base]
 
 Four recipes, same model (all-MiniLM-L6-v2, offline), data (the 4,000 bundled SST-2 training
 sentences), optimiser and budget (``--epochs``):
@@ -33,6 +33,10 @@ several seeds, the targets compare each row's mean over the seeds both rows have
 row's robust accuracy by a few points: 200 attacked sentences, 98 AdvGLUE-style ones).
 ``--lr`` trains every row at another learning rate than the recipes' (runs ``..._lr<lr>``); the
 table has one group per learning rate and the targets compare rows of the same learning rate.
+``--model`` trains every row on another model than the offline MiniLM (runs ``..._<model>``), e.g.
+``hf:roberta-base`` or ``hf:bert-base-uncased``, masked LMs as in the MVP paper (their MLM head scores
+the verbalizer); it needs hub access or a local copy (``hf:/path/to/folder``). Rows are grouped and
+compared per model as per learning rate.
 Results: ``bench/results/prompt.json``; word-attack records stay in each run folder's ``attacks/``
 (resumable).
 """
@@ -43,6 +47,7 @@ import argparse
 import csv
 import json
 import logging
+import re
 import subprocess
 import sys
 import time
@@ -133,9 +138,21 @@ def word_attack(run: Path, adapter, examples: list[dict], name: str) -> dict:
     return {**summary, "wall_seconds": time.perf_counter() - began}
 
 
-def run_name(row: str, seed: int, lr: float | None = None) -> str:
-    """``bench_prompt_<row>[_lr<lr>][_seed<s>]``: the recipe's learning rate and seed 0 add nothing."""
-    return f"bench_prompt_{row}" + ("" if lr is None else f"_lr{lr:g}") + ("" if seed == 0 else f"_seed{seed}")
+def run_name(row: str, seed: int, lr: float | None = None, model: str | None = None) -> str:
+    """``bench_prompt_<row>[_<model>][_lr<lr>][_seed<s>]``: the recipes' model and learning rate and
+    seed 0 add nothing."""
+    return (f"bench_prompt_{row}" + ("" if model is None else f"_{model_slug(model)}")
+            + ("" if lr is None else f"_lr{lr:g}") + ("" if seed == 0 else f"_seed{seed}"))
+
+
+def model_slug(spec: str) -> str:
+    """``hf:FacebookAI/roberta-base`` -> ``FacebookAI-roberta-base`` (a folder-name-safe model name)."""
+    return re.sub(r"[^A-Za-z0-9.]+", "-", spec.split(":", 1)[-1]).strip("-.") or "model"
+
+
+def recipe_model() -> str:
+    """The model spec the prompt recipes train (all rows share it)."""
+    return yaml.safe_load((REPO / "recipes" / "prompt" / "sst2_minilm_mvp.yaml").read_text())["model"]["spec"]
 
 
 def recipe_lr() -> float:
@@ -154,7 +171,7 @@ def measure_row(row: str, seed: int, run: Path, dev_examples: list[dict], advglu
            "clean_accuracy": metrics["eval"]["clean_accuracy"], "n_dev": metrics["eval"].get("n"),
            "pgd_accuracy": metrics["eval"].get("robust_accuracy"),
            "train_seconds": metrics.get("train", {}).get("seconds"), "epochs": recipe.train.epochs,
-           "lr": recipe.train.lr,
+           "lr": recipe.train.lr, "model": recipe.model.spec,
            "train_steps": metrics.get("train", {}).get("steps")}
     for name in WORD_ATTACKS:
         s = word_attack(run, adapter, dev_examples, name)
@@ -177,21 +194,21 @@ def pct(x) -> str:
 
 def table(rows: list[dict], n: int, n_adv: int) -> str:
     """Markdown table: one line per (row, seed), then each row's mean over its seeds if it has several."""
-    lines = [f"| method | lr | seed | clean (872 dev) | embedding PGD | pwws (n={n}) | textfooler (n={n}) | "
-             f"AdvGLUE-style (n={n_adv}) | mean robust | epochs | train s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| method | model | lr | seed | clean (872 dev) | embedding PGD | pwws (n={n}) | textfooler (n={n}) | "
+             f"AdvGLUE-style (n={n_adv}) | mean robust | epochs | train s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['lr']:g} | {r.get('seed', 0)} | {pct(r['clean_accuracy'])} | {pct(r['pgd_accuracy'])} | "
+        lines.append(f"| {r['method']} | {model_slug(r['model'])} | {r['lr']:g} | {r.get('seed', 0)} | {pct(r['clean_accuracy'])} | {pct(r['pgd_accuracy'])} | "
                      f"{pct(r['pwws']['accuracy_under_attack'])} | {pct(r['textfooler']['accuracy_under_attack'])} | "
                      f"{pct(r['advglue']['accuracy'])} | {pct(r['mean_robust_accuracy'])} | {r['epochs']} | "
                      f"{'—' if r['train_seconds'] is None else format(r['train_seconds'], '.0f')} |")
-    for row, lr in dict.fromkeys((r["row"], r["lr"]) for r in rows):
-        group = [r for r in rows if r["row"] == row and r["lr"] == lr]
+    for row, model, lr in dict.fromkeys((r["row"], r["model"], r["lr"]) for r in rows):
+        group = [r for r in rows if r["row"] == row and r["model"] == model and r["lr"] == lr]
         if len(group) > 1:
             def mean(f):  # None when a seed lacks the figure (e.g. no PGD in its evaluation)
                 values = [f(r) for r in group]
                 return None if None in values else sum(values) / len(values)
 
-            lines.append(f"| **{group[0]['method']}, mean** | {lr:g} | {len(group)} seeds | {pct(mean(lambda r: r['clean_accuracy']))} | "
+            lines.append(f"| **{group[0]['method']}, mean** | {model_slug(model)} | {lr:g} | {len(group)} seeds | {pct(mean(lambda r: r['clean_accuracy']))} | "
                          f"{pct(mean(lambda r: r['pgd_accuracy']))} | "
                          f"{pct(mean(lambda r: r['pwws']['accuracy_under_attack']))} | "
                          f"{pct(mean(lambda r: r['textfooler']['accuracy_under_attack']))} | "
@@ -213,13 +230,15 @@ def seeds_of(results: list[dict], row: str) -> set[int]:
 
 
 def targets(results: list[dict]) -> dict:
-    """:func:`targets_at` per learning rate; keys of the recipes' own learning rate unprefixed, the
-    others' prefixed with ``lr<lr>_``."""
+    """:func:`targets_at` per model and learning rate; keys of the recipes' own model and learning
+    rate unprefixed, the others' prefixed with ``<model>_`` and ``lr<lr>_``."""
     out = {}
-    default = recipe_lr()
-    for lr in sorted({r["lr"] for r in results}, key=lambda lr: (lr != default, lr)):
-        prefix = "" if lr == default else f"lr{lr:g}_"
-        out.update({prefix + k: v for k, v in targets_at([r for r in results if r["lr"] == lr]).items()})
+    lr0, model0 = recipe_lr(), recipe_model()
+    groups = sorted({(r["model"], r["lr"]) for r in results}, key=lambda g: (g[0] != model0, g[0], g[1] != lr0, g[1]))
+    for model, lr in groups:
+        prefix = ("" if model == model0 else f"{model_slug(model)}_") + ("" if lr == lr0 else f"lr{lr:g}_")
+        picked = [r for r in results if r["model"] == model and r["lr"] == lr]
+        out.update({prefix + k: v for k, v in targets_at(picked).items()})
     return out
 
 
@@ -258,6 +277,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0", help="comma-separated training seeds of every row (0: runs/bench_prompt_<row>)")
     p.add_argument("--lr", type=float, default=None,
                    help="learning rate of every row instead of the recipes' (runs bench_prompt_<row>_lr<lr>...)")
+    p.add_argument("--model", default=None,
+                   help="model spec of every row instead of the recipes' MiniLM, e.g. hf:roberta-base "
+                        "(needs the hub or a local copy, hf:/path; runs bench_prompt_<row>_<model>...)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s: %(message)s")
     ensure_torchvision()
@@ -271,8 +293,9 @@ def main(argv=None) -> int:
     if args.lr is not None and args.lr <= 0:
         p.error("--lr must be positive")
     lr = [] if args.lr is None else [f"train.lr={args.lr}"]
-    runs = {(r, s): ensure_run(REPO / "recipes" / "prompt" / f"sst2_minilm_{r}.yaml", run_name(r, s, args.lr),
-                               [f"train.epochs={args.epochs}", f"seed={s}", *lr]) for r in rows for s in seeds}
+    model = [] if args.model is None else [f"model.spec={args.model}"]
+    runs = {(r, s): ensure_run(REPO / "recipes" / "prompt" / f"sst2_minilm_{r}.yaml", run_name(r, s, args.lr, args.model),
+                               [f"train.epochs={args.epochs}", f"seed={s}", *lr, *model]) for r in rows for s in seeds}
     surrogate = Path(args.surrogate)
     if not (surrogate / "model.safetensors").exists():
         surrogate = ensure_run(REPO / "recipes" / "bench" / "sst2_minilm_victim.yaml", surrogate.name, [])
@@ -294,13 +317,16 @@ def main(argv=None) -> int:
                 and old.get("advglue_set", {}).get("path") == str(advglue_path.relative_to(REPO))):
             measured = {r["run"] for r in results}
             kept = [r for r in old.get("results", []) if r["run"] not in measured]
-            for r in kept:
-                for field in ("epochs", "lr"):  # rows written before the field existed
-                    if field not in r:
-                        r[field] = yaml.safe_load((REPO / r["run"] / "recipe.yaml").read_text())["train"][field]
+            for r in kept:  # rows written before a field existed: read it from their recipe
+                if not {"epochs", "lr", "model"} <= r.keys():
+                    written = yaml.safe_load((REPO / r["run"] / "recipe.yaml").read_text())
+                    r.setdefault("epochs", written["train"]["epochs"])
+                    r.setdefault("lr", written["train"]["lr"])
+                    r.setdefault("model", written["model"]["spec"])
             results = kept + results
-    default = recipe_lr()
-    results.sort(key=lambda r: (r["lr"] != default, r["lr"], list(ROWS).index(r["row"]), r.get("seed", 0)))
+    lr0, model0 = recipe_lr(), recipe_model()
+    results.sort(key=lambda r: (r["model"] != model0, r["model"], r["lr"] != lr0, r["lr"], list(ROWS).index(r["row"]),
+                                r.get("seed", 0)))
     print()
     print(table(results, len(dev_examples), counts["kept"]))
     verdict = targets(results)
