@@ -150,6 +150,11 @@ def model_slug(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", spec.split(":", 1)[-1]).strip("-.") or "model"
 
 
+def model_label(spec: str) -> str:
+    """``hf:sentence-transformers/all-MiniLM-L6-v2`` -> ``all-MiniLM-L6-v2`` (the table's model column)."""
+    return spec.split(":", 1)[-1].rstrip("/").split("/")[-1]
+
+
 def recipe_model() -> str:
     """The model spec the prompt recipes train (all rows share it)."""
     return yaml.safe_load((REPO / "recipes" / "prompt" / "sst2_minilm_mvp.yaml").read_text())["model"]["spec"]
@@ -197,7 +202,7 @@ def table(rows: list[dict], n: int, n_adv: int) -> str:
     lines = [f"| method | model | lr | seed | clean (872 dev) | embedding PGD | pwws (n={n}) | textfooler (n={n}) | "
              f"AdvGLUE-style (n={n_adv}) | mean robust | epochs | train s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {model_slug(r['model'])} | {r['lr']:g} | {r.get('seed', 0)} | {pct(r['clean_accuracy'])} | {pct(r['pgd_accuracy'])} | "
+        lines.append(f"| {r['method']} | {model_label(r['model'])} | {r['lr']:g} | {r.get('seed', 0)} | {pct(r['clean_accuracy'])} | {pct(r['pgd_accuracy'])} | "
                      f"{pct(r['pwws']['accuracy_under_attack'])} | {pct(r['textfooler']['accuracy_under_attack'])} | "
                      f"{pct(r['advglue']['accuracy'])} | {pct(r['mean_robust_accuracy'])} | {r['epochs']} | "
                      f"{'—' if r['train_seconds'] is None else format(r['train_seconds'], '.0f')} |")
@@ -208,7 +213,7 @@ def table(rows: list[dict], n: int, n_adv: int) -> str:
                 values = [f(r) for r in group]
                 return None if None in values else sum(values) / len(values)
 
-            lines.append(f"| **{group[0]['method']}, mean** | {model_slug(model)} | {lr:g} | {len(group)} seeds | {pct(mean(lambda r: r['clean_accuracy']))} | "
+            lines.append(f"| **{group[0]['method']}, mean** | {model_label(model)} | {lr:g} | {len(group)} seeds | {pct(mean(lambda r: r['clean_accuracy']))} | "
                          f"{pct(mean(lambda r: r['pgd_accuracy']))} | "
                          f"{pct(mean(lambda r: r['pwws']['accuracy_under_attack']))} | "
                          f"{pct(mean(lambda r: r['textfooler']['accuracy_under_attack']))} | "
