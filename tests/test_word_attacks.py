@@ -584,6 +584,27 @@ def test_recipe_eval_runs_word_attacks(tiny_text_run):
     assert "Word-substitution attacks" in (run_dir / "report.md").read_text()
 
 
+def test_word_attacks_run_in_eval_mode_and_restore_the_mode(make_text_adapter, sentences, monkeypatch):
+    """A training-mode model (as after training, before evaluate's word attacks) is attacked without
+    dropout: otherwise predictions, and the successes recorded, would be random."""
+    from unirobust.attacks.text.attack import attack_examples
+
+    adapter = make_text_adapter().train()
+    modes = []
+    real = adapter.logits
+    monkeypatch.setattr(adapter, "logits", lambda z, batch: modes.append(adapter.model.training) or real(z, batch))
+    attack_examples(adapter, sentences, build_attack({"name": "deepwordbug"}), progress=False)
+    assert modes and not any(modes)
+    assert adapter.training and adapter.model.training
+
+
+def test_a_loaded_run_is_in_eval_mode_throughout(tiny_text_run):
+    from unirobust.runs import load_run
+
+    _, adapter = load_run(tiny_text_run[0])
+    assert not any(m.training for m in adapter.modules())
+
+
 def test_cli_attack_command(tiny_text_run, capsys):
     from unirobust.cli import main
 

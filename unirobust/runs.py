@@ -172,7 +172,7 @@ def _check_same_outputs(trained: Task, now: Task, run_dir: Path) -> None:
 
 
 def load_run(run_dir: str | Path, overrides: list[str] = ()):
-    """The recipe and trained adapter of a finished run folder."""
+    """The recipe and trained adapter (in eval mode) of a finished run folder."""
     from .recipe import apply_overrides
 
     run_dir = Path(run_dir)
@@ -191,4 +191,4 @@ def load_run(run_dir: str | Path, overrides: list[str] = ()):
     adapter = build_model(recipe.model.spec, recipe.resolved_task, ensemble=recipe.model.ensemble,
                           **recipe.model.options)
     load_weights(adapter, weights)
-    return recipe, adapter
+    return recipe, adapter.eval()

@@ -176,7 +176,9 @@ def attack_examples(adapter, examples: list[dict], attack: WordAttack, store: Re
     finishes; ``indices`` restricts the run to those positions (a process's shard). Returns the new
     records (in index order) and statistics: ``seconds`` (wall), ``forward_seconds`` (victim
     forwards and gradients), ``encoder_seconds``, ``forward_fraction`` and the summary metrics.
+    The model is attacked in eval mode (no dropout), whatever mode it is in; its mode is restored.
     """
+    from ...models.base import eval_mode
     from .engine import Engine, Example, Victim, sentence_encoder
     from .words import WordText
 
@@ -238,7 +240,8 @@ def attack_examples(adapter, examples: list[dict], attack: WordAttack, store: Re
             words_changed=len(item.start.changed(text)), words_total=len(item.start), seconds=item.seconds,
             field=field, context={f: item.example[f] for f in fields if f != field}, message=item.message))
 
-    engine.run(prepared(), search, finish, total=len(todo), progress=progress)
+    with eval_mode(adapter):  # dropout would make predictions, and so successes, random
+        engine.run(prepared(), search, finish, total=len(todo), progress=progress)
     if truncated:
         log.warning("%d example(s) were longer than max_length=%d tokens and were truncated", truncated,
                     adapter.max_length)
