@@ -204,3 +204,15 @@ def test_eval_of_a_run_on_another_task_writes_beside_its_own_evaluation(tmp_path
     assert result["task"] == "digits-copy" and result["threat"]["eps"] == 0.2 and result["n"] == 16
     code, _, _ = run_main(capsys, "eval", str(run), "--attack", "fgsm", "task.max_eval=16")
     assert code == 0 and json.loads((run / "eval.json").read_text())["task"] == "digits"
+
+
+def test_eval_attacks_are_checked_against_the_task_before_anything_runs(tmp_path, capsys, make_run):
+    """``--attack`` is validated as a recipe's eval.attacks are: a word attack or a relative budget
+    on a vision run, or a bad parameter, is a usage error (exit 2, no traceback, nothing written)."""
+    run, _, _ = make_run(tmp_path / "runs" / "r", {"name": "r", "task": {"name": "digits"},
+                                                   "model": {"spec": "timm:test_resnet"}})
+    for attack, says in (("textfooler", "substitutes words"), ("pgd:relative=true", "relative"),
+                         ("pgd:eps=-1", "eps"), ("nosuch", "nosuch")):
+        code, _, err = run_main(capsys, "eval", str(run), "--attack", attack, "task.max_eval=8")
+        assert code == 2 and says in err and "Traceback" not in err, (attack, err)
+    assert not (run / "eval.json").exists()

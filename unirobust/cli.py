@@ -89,22 +89,25 @@ def load_target(args):
 
 
 def cmd_eval(args) -> int:
-    from .recipe import AttackConfig
     from .report import atomic_write, environment, metrics_table
     from .runs import build_attacks, first_examples
     from .tasks import load_task
 
     from accelerate.utils import set_seed
-    from pydantic import ValidationError
 
     target = Path(args.target)
-    recipe, adapter = load_target(args)
-    task = recipe.resolved_task
+    if args.attack:  # validated as the recipe's own attacks are, against the task (word attacks need text, ...)
+        args.overrides = [*args.overrides, "eval.attacks=" + json.dumps([parse_attack(a) for a in args.attack],
+                                                                        default=str)]
     try:
-        configs = [AttackConfig(**parse_attack(a)) for a in args.attack] if args.attack else recipe.eval.attacks
-        attacks = build_attacks(configs, task.threat)
-    except (ValidationError, ValueError, TypeError) as err:
-        raise RecipeError(f"--attack: {err}") from None
+        recipe, adapter = load_target(args)
+    except RecipeError as err:
+        if args.attack and "eval.attacks." in str(err):
+            raise RecipeError(f"{err}\n  (eval.attacks.<i> is the (i+1)-th --attack)") from None
+        raise
+    task = recipe.resolved_task
+    configs = recipe.eval.attacks
+    attacks = build_attacks(configs, task.threat)
     data = first_examples(load_task(task, seed=recipe.seed).split(args.split or recipe.eval.split),
                           args.max_examples or recipe.eval.max_examples)
     from .evaluate import evaluate
