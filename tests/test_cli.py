@@ -216,3 +216,19 @@ def test_eval_attacks_are_checked_against_the_task_before_anything_runs(tmp_path
         code, _, err = run_main(capsys, "eval", str(run), "--attack", attack, "task.max_eval=8")
         assert code == 2 and says in err and "Traceback" not in err, (attack, err)
     assert not (run / "eval.json").exists()
+
+
+def test_usage_errors_of_overrides_and_word_attacks_return_2(capsys, tmp_path):
+    code, _, err = run_main(capsys, "train", str(REPO / "recipes" / "digits_pgd_at.yaml"), "eval.attacks=[{name: pgd")
+    assert code == 2 and "not valid YAML" in err and "Traceback" not in err
+    code, _, err = run_main(capsys, "eval", "timm:test_resnet", "--task", "digits", "--attack", "pgd:eps=[1")
+    assert code == 2 and "not valid YAML" in err
+    # a continuous attack given to `attack` is named as such, before any model is looked for
+    code, _, err = run_main(capsys, "attack", str(tmp_path / "no-run"), "--attack", "pgd")
+    assert code == 2 and "not a word-substitution attack" in err
+    code, _, err = run_main(capsys, "attack", str(tmp_path / "no-run"), "--attack", "pwwz")
+    assert code == 2 and "unknown attack 'pwwz'" in err
+    for n in ("0", "-1"):
+        with pytest.raises(SystemExit) as exc:
+            main(["attack", str(tmp_path / "no-run"), "--n", n])
+        assert exc.value.code == 2

@@ -618,6 +618,8 @@ def test_cli_attack_command(tiny_text_run, capsys):
     assert main(["attack", str(run_dir), "--attack", "pgd"]) == 2
     assert main(["attack", str(run_dir), "--attack", "bae"]) == 2
     assert "mlm=" in capsys.readouterr().err
+    assert main(["attack", str(run_dir), "--textattack-recipe", "nosuch", "--n", "1"]) == 2
+    assert "unknown TextAttack recipe 'nosuch'" in capsys.readouterr().err
 
 
 def test_advgen_writes_filtered_advglue_that_reloads(keyword_adapter, tmp_path):

@@ -26,6 +26,8 @@ EXAMPLES = """examples:
 
 def parse_attack(text: str) -> dict:
     """``pgd`` or ``pgd:eps=0.1,steps=20`` -> ``{"name": "pgd", "eps": 0.1, "steps": 20}``."""
+    import yaml
+
     from .tasks import load_yaml
 
     name, _, rest = text.partition(":")
@@ -34,7 +36,10 @@ def parse_attack(text: str) -> dict:
         key, sep, value = part.partition("=")
         if not sep:
             raise RecipeError(f"attack {text!r}: expected name:key=value,key=value")
-        spec[key.strip()] = load_yaml(value)
+        try:
+            spec[key.strip()] = load_yaml(value)
+        except yaml.YAMLError as err:
+            raise RecipeError(f"attack {text!r}: {key.strip()}={value} is not valid YAML ({str(err).splitlines()[0]})") from None
     return spec
 
 
@@ -164,15 +169,17 @@ def word_attack_of(text: str, **extra):
     """A word-substitution attack from ``NAME[:k=v,...]``; anything else is a usage error."""
     from .attacks import build_attack
 
+    from .registry import ATTACKS
+
     spec = {**parse_attack(text), **extra}
-    try:
-        attack = build_attack(spec)
-    except (ValueError, TypeError) as err:
-        raise RecipeError(f"attack {text!r}: {err}") from None
-    if getattr(attack, "kind", None) != "word":
+    target = ATTACKS.get(spec["name"]) if spec["name"] in ATTACKS else None  # word presets are functions
+    if isinstance(target, type) and getattr(target, "kind", None) != "word":
         raise RecipeError(f"{spec['name']!r} is not a word-substitution attack (pwws, textfooler, ...); "
                           f"continuous attacks run with `unirobust eval --attack`")
-    return attack
+    try:
+        return build_attack(spec)
+    except (ValueError, TypeError) as err:
+        raise RecipeError(f"attack {text!r}: {err}") from None
 
 
 def cmd_attack(args) -> int:
@@ -181,20 +188,24 @@ def cmd_attack(args) -> int:
     from .report import word_attack_table
     from .train import make_accelerator
 
-    recipe, adapter, examples = text_examples(args)
     runner = None
+    if not args.textattack_recipe:  # a wrong attack is reported before the model loads
+        attack = word_attack_of(args.attack, **({"query_budget": args.query_budget} if args.query_budget else {}))
+        name = args.attack.replace(":", "_").replace(",", "_").replace("=", "-")
+    recipe, adapter, examples = text_examples(args)
     if args.textattack_recipe:
         from .attacks.text.bridge import AdapterWrapper, build_textattack_attack, run_textattack
 
         name = f"textattack-{args.textattack_recipe}"
-        attack = build_textattack_attack(args.textattack_recipe, AdapterWrapper(adapter), query_budget=args.query_budget)
+        try:
+            attack = build_textattack_attack(args.textattack_recipe, AdapterWrapper(adapter),
+                                             query_budget=args.query_budget)
+        except (ValueError, RuntimeError) as err:  # an unknown recipe; a resource it cannot load offline
+            raise RecipeError(f"--textattack-recipe: {err}") from None
 
         def runner(adapter, examples, attack, store, indices, progress):
             run_textattack(adapter, examples, attack, store=store, progress=progress,  # store.todo(): this rank's share
                            seed=recipe.seed)
-    else:
-        attack = word_attack_of(args.attack, **({"query_budget": args.query_budget} if args.query_budget else {}))
-        name = args.attack.replace(":", "_").replace(",", "_").replace("=", "-")
     target = Path(args.target)
     out = Path(args.out) if args.out else (results_folder(target, recipe.resolved_task.name) or Path("runs")) / "attacks" / name
     accelerator = make_accelerator(recipe)
@@ -276,7 +287,7 @@ def add_text_target(parser, n: int) -> None:
     parser.add_argument("target", help="a run folder (runs/<name>) or a model spec (hf:<id>) with --task")
     parser.add_argument("overrides", nargs="*", help="key.sub=value recipe overrides")
     parser.add_argument("--task", help="task of a model spec; for a run folder, another task to evaluate it on")
-    parser.add_argument("--n", type=int, default=n, help=f"number of examples (default {n})")
+    parser.add_argument("--n", type=positive_int, default=n, help=f"number of examples (default {n})")
     parser.add_argument("--split", choices=["validation", "test"])
 
 

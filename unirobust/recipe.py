@@ -242,7 +242,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise RecipeError(f"override {text!r} is not of the form key.sub=value")
-    return key.split("."), load_yaml(value) if value else ""
+    try:
+        return key.split("."), load_yaml(value) if value else ""
+    except yaml.YAMLError as err:
+        raise RecipeError(f"override {text!r}: the value is not valid YAML ({str(err).splitlines()[0]}); "
+                          f"quote the whole override for the shell, e.g. 'eval.attacks=[{{name: pgd}}]'") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
