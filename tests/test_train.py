@@ -128,6 +128,12 @@ def test_fresh_run_starts_clean_and_grad_accum_keeps_every_epoch(tmp_path):
         again = execute(recipe, resume=True, evaluate_after=False)
         assert again["train"]["history"] == metrics["train"]["history"]
 
+    # a fresh run that trains nothing (train.epochs=0) drops the old checkpoints too
+    untrained = load_recipes(recipe_file, ["task.max_train=128", "train.epochs=0", "defense.name=erm",
+                                           "defense.attack=null"])[0]
+    execute(untrained, evaluate_after=False)
+    assert not (run / "checkpoints").exists() and (run / "model.safetensors").exists()
+
 
 @pytest.mark.slow
 def test_run_folder_and_eval_of_saved_run(tmp_path):
@@ -163,6 +169,10 @@ def test_run_folder_and_eval_of_saved_run(tmp_path):
     assert results[0]["robust_accuracy"] == results[1]["robust_accuracy"]
     assert results[0]["seed"] == 0 and results[0]["threat"]["eps"] == 0.1 and results[0]["environment"]["packages"]
     assert list(results[0]["attacks"]) == ["pgd(eps=0.1, steps=1)", "pgd(eps=0.1, steps=1) #2"]  # both ran
+    pgd = results[0]["attacks"]["pgd(eps=0.1, steps=1)"]  # every parameter, defaults included
+    assert pgd["eps"] == 0.1 and pgd["steps"] == 1 and pgd["norm"] == "linf" and pgd["random_start"] is True
+    (recipe_pgd,) = metrics["eval"]["attacks"].values()  # the run's own evaluation records them too
+    assert recipe_pgd["eps"] == resolved["task"]["threat"]["eps"] and recipe_pgd["random_start"] is False
 
     # Bad input is a usage error (exit 2) before any work, not a traceback.
     assert main(["eval", str(run), "--attack", "pgd:eps=-1"]) == 2

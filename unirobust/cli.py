@@ -94,7 +94,7 @@ def load_target(args):
 
 
 def cmd_eval(args) -> int:
-    from .report import atomic_write, environment, metrics_table
+    from .report import atomic_write, environment, metrics_table, word_attack_table
     from .runs import build_attacks, first_examples
     from .tasks import load_task
 
@@ -111,8 +111,7 @@ def cmd_eval(args) -> int:
             raise RecipeError(f"{err}\n  (eval.attacks.<i> is the (i+1)-th --attack)") from None
         raise
     task = recipe.resolved_task
-    configs = recipe.eval.attacks
-    attacks = build_attacks(configs, task.threat)
+    attacks = build_attacks(recipe.eval.attacks, task.threat)
     data = first_examples(load_task(task, seed=recipe.seed).split(args.split or recipe.eval.split),
                           args.max_examples or recipe.eval.max_examples)
     from .evaluate import evaluate
@@ -133,8 +132,7 @@ def cmd_eval(args) -> int:
     metrics = evaluate(adapter, data, attacks, accelerator, batch_size, task.labels,
                        threat=task.threat, check_examples=recipe.eval.check_examples, out_dir=results)
     metrics.update({"task": task.name, "seed": recipe.seed, "threat": task.threat.model_dump(mode="json", exclude_none=True),
-                    "attacks": {title: c.params() for title, c in zip(attacks, configs)},
-                    "environment": environment()})
+                    "environment": environment()})  # evaluate records each attack's parameters
     advglue = None
     if args.advglue:
         from .advglue import run_advglue_eval
@@ -143,6 +141,8 @@ def cmd_eval(args) -> int:
         metrics["advglue"] = {k: v for k, v in advglue.items() if k != "markdown"}
     if accelerator.is_main_process:
         print("\n" + metrics_table({str(args.target): metrics}))
+        if metrics.get("word_attacks"):
+            print("\n" + word_attack_table(metrics["word_attacks"]))
         if advglue:
             print("\n" + advglue["markdown"])
         out = Path(args.output) if args.output else (results / "eval.json" if results else None)

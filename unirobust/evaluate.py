@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .attacks import split_word_attacks
+from .attacks import attack_parameters, split_word_attacks
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ def evaluate(adapter, dataset, attacks: dict[str, object], accelerator, batch_si
     Word-substitution attacks (``kind == "word"``) are a different threat model, so they are not in
     the cascade: each attacks the first ``n`` examples on its own, its per-example results go to
     ``out_dir/attacks/<name>/`` (resumable) and its summary to ``metrics["word_attacks"][name]``."""
+    parameters = {title: attack_parameters(a) for title, a in attacks.items()}
     attacks, word = split_word_attacks(attacks)
     loader = accelerator.prepare_data_loader(
         DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=adapter.collate))
@@ -73,6 +74,7 @@ def evaluate(adapter, dataset, attacks: dict[str, object], accelerator, batch_si
     flags = torch.cat(flags).float() if flags else torch.zeros(0, len(names) + 1)
     labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
     metrics = summarise(flags, labels, names, class_names, time.time() - start)
+    metrics["attacks"] = parameters
     if threat is not None and check_examples and first is not None and accelerator.is_main_process:
         from .checks import run_checks
 

@@ -78,7 +78,7 @@ def execute(recipe: Recipe, resume: bool = False, train: bool = True, evaluate_a
     """Train and evaluate one recipe into ``<output_dir>/<name>/``; returns its metrics."""
     from accelerate.utils import set_seed
 
-    from .train import fit, make_accelerator
+    from .train import clear_checkpoints, fit, make_accelerator
 
     run_dir = run_dir_of(recipe)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -86,11 +86,13 @@ def execute(recipe: Recipe, resume: bool = False, train: bool = True, evaluate_a
     set_seed(recipe.seed)
     task = recipe.resolved_task
     main = accelerator.is_main_process
-    if main and train and not resume:  # an earlier run's results must not pass for this one's
-        for name in RESULTS:
-            (run_dir / name).unlink(missing_ok=True)
-        for other in run_dir.glob("on-*"):  # its evaluations on other tasks (eval --task)
-            shutil.rmtree(other, ignore_errors=True)
+    if train and not resume:  # an earlier run's results and checkpoints must not pass for this one's
+        if main:
+            for name in RESULTS:
+                (run_dir / name).unlink(missing_ok=True)
+            for other in run_dir.glob("on-*"):  # its evaluations on other tasks (eval --task)
+                shutil.rmtree(other, ignore_errors=True)
+        clear_checkpoints(accelerator, run_dir)  # also when nothing is trained (train.epochs=0)
     with LogToFile(run_dir / ("log.txt" if main else f"log.{accelerator.process_index}.txt")):
         if main:
             atomic_write(run_dir / "recipe.yaml", recipe.to_yaml())

@@ -30,6 +30,14 @@ def build_attack(spec: dict[str, Any], threat=None):
     return cls(**spec)
 
 
+def attack_parameters(attack) -> dict[str, Any]:
+    """Every field of a built attack, defaults and the task's budget filled in: what a result was
+    measured with (a recipe names only what it changes)."""
+    if not dataclasses.is_dataclass(attack):
+        return {"type": type(attack).__name__}
+    return {f.name: getattr(attack, f.name) for f in dataclasses.fields(attack)}
+
+
 def split_word_attacks(attacks: dict) -> tuple[dict, dict]:
     """``(continuous, word)``: title -> attack, split by threat model. Word substitutions
     (``kind == "word"``) search texts; the others perturb the continuous input."""
