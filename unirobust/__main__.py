@@ -1,0 +1,7 @@
+"""``python -m unirobust ...``: the same as the ``unirobust`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
