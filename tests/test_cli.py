@@ -150,7 +150,8 @@ def test_cli_subprocess_bad_recipe_exit_code(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad\ntask: {name: digits}\nmodel: {spec: timm:test_resnet}\n"
                    "defense: {name: pgd-at, attack: {name: pgd, eps: -0.1}}\n")
-    proc = subprocess.run([sys.executable, "-m", "unirobust", "run", str(bad), f"output_dir={tmp_path / 'runs'}"],  # __main__.py
+    # python -m unirobust (its __main__.py), as the unirobust command
+    proc = subprocess.run([sys.executable, "-m", "unirobust", "run", str(bad), f"output_dir={tmp_path / 'runs'}"],
                           capture_output=True, text=True, timeout=120, env=subprocess_env(), cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
