@@ -168,7 +168,6 @@ def text_examples(args):
 def word_attack_of(text: str, **extra):
     """A word-substitution attack from ``NAME[:k=v,...]``; anything else is a usage error."""
     from .attacks import build_attack
-
     from .registry import ATTACKS
 
     spec = {**parse_attack(text), **extra}
