@@ -164,3 +164,29 @@ def test_zero_gradients_ignore_examples_with_nothing_to_move(make_text_adapter):
     adapter = make_text_adapter().eval()
     batch = adapter.collate([{"sentence": "", "label": 0}] * 3 + [{"sentence": "a fine film", "label": 1}])
     assert check_zero_gradients(adapter, batch) == []
+
+
+def test_checks_and_evaluation_leave_a_training_mode_model_unchanged(digits_task, digits_data):
+    """After training the model is still in train mode: checks and evaluation must measure it in eval
+    mode (a train-mode forward updates BatchNorm statistics, i.e. changes the model measured next)."""
+    from unirobust.attacks import build_attack
+    from unirobust.checks import run_checks
+    from unirobust.evaluate import evaluate
+    from unirobust.models import build_model
+    from unirobust.train import make_accelerator
+
+    torch.manual_seed(0)
+    model = build_model("timm:test_resnet", digits_task)
+    data = digits_data.test.select(range(32))
+    batch = model.collate([data[i] for i in range(32)])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        expected = model.eval().logits(model.embed(batch), batch).argmax(-1) == batch["labels"]
+    model.train()
+    run_checks(model, batch, digits_task.threat, n_queries=10)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    metrics = evaluate(model, data, {"fgsm": build_attack({"name": "fgsm"}, digits_task.threat)}, make_accelerator(),
+                       batch_size=16, threat=digits_task.threat, check_examples=8)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert metrics["clean_accuracy"] == pytest.approx(expected.float().mean().item())
+    assert model.training  # its mode is restored

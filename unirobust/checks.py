@@ -278,6 +278,11 @@ def run_checks(model, batch: dict, threat: Any, accuracies: Mapping | None = Non
     :class:`RandomSearch` (``n_queries`` forwards) on this batch, example by example.
     """
     adapter = unwrap(model)
+    with eval_mode(adapter):  # the model as it is evaluated: no dropout, no BatchNorm statistics updates
+        return _run_checks(adapter, batch, threat, accuracies, sweep, black_box, n_queries, tol, max_zero_grad_fraction)
+
+
+def _run_checks(adapter, batch, threat, accuracies, sweep, black_box, n_queries, tol, max_zero_grad_fraction):
     acc = dict(accuracies or {})
     if acc and all(isinstance(k, (int, float)) for k in acc):
         acc = {"by_eps": acc}

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .attacks import attack_parameters, split_word_attacks
+from .models.base import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,15 @@ def evaluate(adapter, dataset, attacks: dict[str, object], accelerator, batch_si
     ``checks.py`` run on the first examples and their warnings land in ``metrics["warnings"]``.
     Word-substitution attacks (``kind == "word"``) are a different threat model, so they are not in
     the cascade: each attacks the first ``n`` examples on its own, its per-example results go to
-    ``out_dir/attacks/<name>/`` (resumable) and its summary to ``metrics["word_attacks"][name]``."""
+    ``out_dir/attacks/<name>/`` (resumable) and its summary to ``metrics["word_attacks"][name]``.
+    The model is evaluated in eval mode throughout (its mode is restored after)."""
+    with eval_mode(accelerator.unwrap_model(adapter)):
+        return _evaluate(adapter, dataset, attacks, accelerator, batch_size, class_names, desc, threat,
+                         check_examples, out_dir)
+
+
+def _evaluate(adapter, dataset, attacks, accelerator, batch_size, class_names, desc, threat, check_examples,
+              out_dir) -> dict:
     parameters = {title: attack_parameters(a) for title, a in attacks.items()}
     attacks, word = split_word_attacks(attacks)
     loader = accelerator.prepare_data_loader(

@@ -104,7 +104,7 @@ def execute(recipe: Recipe, resume: bool = False, train: bool = True, evaluate_a
         if train and (recipe.train.epochs or recipe.train.max_steps):
             metrics["train"] = fit(recipe, adapter, data.train, accelerator, run_dir, resume=resume,
                                    monitor_set=data.validation)
-        adapter = accelerator.unwrap_model(adapter)
+        adapter = accelerator.unwrap_model(adapter).eval()  # trained: from here on it is evaluated
         if main:
             save_weights(adapter, run_dir / "model.safetensors")
         if evaluate_after:
