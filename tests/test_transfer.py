@@ -343,3 +343,41 @@ def test_word_attacks_are_left_to_evaluate_not_to_the_matrices(tmp_path, bert_co
     args = parser.parse_args(["transfer", "--surrogates", str(run), "--targets", str(run), "--attack", "pwws"])
     with pytest.raises(RecipeError, match="pwws substitutes words"):
         args.func(args)
+
+
+def test_surrogates_of_another_task_or_layout_are_refused_or_skipped(tmp_path, bert_config, tokenizer, make_run,
+                                                                      caplog):
+    """A surrogate must read the target's examples: a vision run is refused as a surrogate of a text
+    run (`unirobust transfer` exits 2), and a prompt-head surrogate of a classifier (another input
+    layout) is skipped by a run's eval.transfer with the reason, instead of crashing the finished run."""
+    from transformers import BertForMaskedLM, BertForSequenceClassification
+
+    from unirobust.cli import main
+    from unirobust.recipe import validate
+    from unirobust.tasks import load_task
+    from unirobust.transfer_eval import evaluate_extras
+
+    folder = tmp_path / "tiny_bert"
+    BertForSequenceClassification(bert_config()).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    mlm = tmp_path / "tiny_mlm"
+    BertForMaskedLM(bert_config()).save_pretrained(mlm)
+    tokenizer.save_pretrained(mlm)
+    text = {"name": "cls", "task": {"name": "sst2-sample"}, "model": {"spec": f"hf:{folder}", "options": {"max_length": 32}},
+            "eval": {"batch_size": 8, "attacks": [{"name": "pgd", "steps": 1}]}}
+    run, recipe, adapter = make_run(tmp_path / "runs" / "cls", text)
+    prompt, _, _ = make_run(tmp_path / "runs" / "prompt", {
+        **text, "name": "prompt", "model": {"spec": f"hf:{mlm}", "options": {
+            "max_length": 32, "head": "prompt", "templates": ["{sentence} It was [MASK]."],
+            "verbalizer": {"negative": ["bad"], "positive": ["good"]}}}})
+    vision, _, _ = make_run(tmp_path / "runs" / "digits", {"name": "digits", "task": {"name": "digits"},
+                                                           "model": {"spec": "timm:test_resnet"}})
+    assert main(["transfer", "--surrogates", str(vision), "--targets", str(run), "--max-examples", "4"]) == 2
+    assert main(["transfer", "--surrogates", str(prompt), "--targets", str(run), "--max-examples", "4"]) == 2
+    raw = json.loads(json.dumps(recipe.model_dump(mode="json")))
+    raw["eval"]["transfer"] = {"surrogates": [str(prompt), str(vision)], "max_examples": 4}
+    data = load_task(recipe.resolved_task).test.select(range(4))
+    with caplog.at_level("WARNING", logger="unirobust.transfer_eval"):
+        out = evaluate_extras(validate(raw), adapter, data, None)
+    assert out["transfer_skipped"] == [str(prompt), str(vision)] and "transfer" not in out
+    assert "lays out its input" in caplog.text and "was trained on 'digits'" in caplog.text

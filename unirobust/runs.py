@@ -159,7 +159,7 @@ def _on_another_task(raw: dict, trained: Task, name: str, overrides: list[str]) 
     return apply_overrides({**raw, "model": model, "task": {"name": name}}, overrides)
 
 
-def _check_same_outputs(trained: Task, now: Task, run_dir: Path) -> None:
+def check_same_outputs(trained: Task, now: Task, run_dir: Path) -> None:
     """A model trained on ``trained`` reads ``now``'s examples and names its classes the same way."""
     def shape(t: Task):
         return (t.modality, [label.lower() for label in t.labels],
@@ -189,7 +189,7 @@ def load_run(run_dir: str | Path, overrides: list[str] = ()):
         applied = _on_another_task(raw, trained, asked, list(overrides))
     recipe = validate(applied, f"run {run_dir}")
     if trained is not None:
-        _check_same_outputs(trained, recipe.resolved_task, run_dir)
+        check_same_outputs(trained, recipe.resolved_task, run_dir)
     adapter = build_model(recipe.model.spec, recipe.resolved_task, ensemble=recipe.model.ensemble,
                           **recipe.model.options)
     load_weights(adapter, weights)

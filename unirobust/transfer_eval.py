@@ -30,8 +30,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .attacks import split_word_attacks
-from .models.base import eval_mode
-from .models.ensemble import EnsembleAdapter, is_ensemble
+from .models.base import ModelSpecError, eval_mode
+from .models.ensemble import EnsembleAdapter, check_one_text_layout, is_ensemble
 
 log = logging.getLogger(__name__)
 
@@ -194,20 +194,42 @@ def extras_markdown(ev: dict) -> str:
 # ----------------------------------------------------------------------------- runs
 
 
-def load_surrogate(spec: str, device=None):
-    """A run folder, or ``runA+runB+...``: an ensemble (mean of logits) of run folders."""
-    from .runs import load_run
+def load_surrogate(spec: str, device=None, task=None):
+    """A run folder, or ``runA+runB+...``: an ensemble (mean of logits) of run folders. With ``task``
+    (the one whose examples it will attack), each run must have been trained on its kind of
+    examples and classes."""
+    from .runs import check_same_outputs, load_run
 
     parts = [p for p in spec.split("+") if p]
-    adapters = [load_run(p)[1] for p in parts]
+    loaded = [load_run(p) for p in parts]
+    if task is not None:
+        for part, (recipe, _) in zip(parts, loaded):
+            check_same_outputs(recipe.resolved_task, task, Path(part))
+    adapters = [adapter for _, adapter in loaded]
     adapter = adapters[0] if len(adapters) == 1 else EnsembleAdapter(adapters)
     return adapter.to(device) if device is not None else adapter
+
+
+def check_transferable(models: dict[str, Any]) -> None:
+    """Surrogates and targets of one transfer matrix read the same inputs: one modality and number of
+    classes, and for text one tokenizer and input layout (a perturbation is per token position)."""
+    names = list(models)
+    first = models[names[0]]
+    for name in names[1:]:
+        m = models[name]
+        if (m.modality, m.num_classes) != (first.modality, first.num_classes):
+            raise ModelSpecError(f"{name} is a {m.modality} model with {m.num_classes} classes, {names[0]} a "
+                                 f"{first.modality} model with {first.num_classes}: attacks transfer only between "
+                                 f"models of one task")
+    if first.modality == "text":
+        check_one_text_layout(list(models.values()), names, what="model")
 
 
 def evaluate_extras(recipe, adapter, dataset, accelerator=None) -> dict:
     """What ``runs.execute`` adds to ``metrics["eval"]`` after the cascade: for an ensemble, the
     member-to-member matrix per attack (``members``); with ``eval.transfer.surrogates``, the transfer
     matrix from each surrogate run to this run per attack (``transfer``). Empty dict otherwise."""
+    from .recipe import RecipeError
     from .runs import build_attacks
 
     cfg = recipe.eval.transfer
@@ -230,11 +252,20 @@ def evaluate_extras(recipe, adapter, dataset, accelerator=None) -> dict:
         (Path(p) / "model.safetensors").exists() for p in s.split("+") if p)]
     for s in missing:  # training is done: report what can be measured instead of failing the run
         log.warning("eval.transfer: surrogate %s is not a finished run; skipped (train it first)", s)
-    present = [s for s in (cfg.surrogates if cfg else []) if s not in missing]
+    surrogates = {}
+    for s in (cfg.surrogates if cfg else []):
+        if s in missing:
+            continue
+        try:
+            surrogate = load_surrogate(s, device, task)
+            check_transferable({recipe.name: adapter, s: surrogate})
+            surrogates[s] = surrogate
+        except (RecipeError, ModelSpecError) as err:  # as above: the run's results stand
+            log.warning("eval.transfer: surrogate %s skipped: %s", s, err)
+            missing.append(s)
     if missing:
         out["transfer_skipped"] = missing
-    if present:
-        surrogates = {s: load_surrogate(s, device) for s in present}
+    if surrogates:
         out["transfer"] = {title: transfer_matrix(surrogates, {recipe.name: adapter}, dataset, attack, accelerator,
                                                   recipe.eval.batch_size)
                            for title, attack in attacks.items()}
@@ -284,8 +315,9 @@ def cmd_transfer(args) -> int:
     accelerator = make_accelerator(recipe)
     set_seed(recipe.seed)  # random starts: the same numbers on every call
     device = accelerator.device
-    targets = {t: load_run(t)[1].to(device) for t in args.targets}
-    surrogates = {s: targets[s] if s in targets else load_surrogate(s, device) for s in args.surrogates}
+    targets = {t: load_surrogate(t, device, task) for t in args.targets}  # every target reads targets[0]'s data
+    surrogates = {s: targets[s] if s in targets else load_surrogate(s, device, task) for s in args.surrogates}
+    check_transferable({**targets, **surrogates})
     data = first_examples(load_task(task, seed=recipe.seed).split(args.split or recipe.eval.split),
                           args.max_examples or recipe.eval.max_examples)
     batch_size = args.batch_size or recipe.eval.batch_size

@@ -41,9 +41,13 @@ SHARED_ATTRIBUTES = ("tokenizer", "tokenize", "text_fields", "max_length", "spec
 log = logging.getLogger(__name__)
 
 
-def _check_one_text_layout(members: Sequence[nn.Module]) -> None:
-    """Text members read one token sequence, tokenized by member 0: they must share its tokenizer
-    vocabulary and its layout (plain, or the same prompt templates)."""
+def check_one_text_layout(members: Sequence[nn.Module], names: Sequence[str] | None = None,
+                          what: str = "text ensemble member") -> None:
+    """Text models that read one token sequence (ensemble members, tokenized by member 0; a transfer
+    attack's surrogates and targets) must share its tokenizer vocabulary and its layout (plain, or
+    the same prompt templates): the perturbation is per token position."""
+    names = list(names) if names is not None else [str(i) for i in range(len(members))]
+
     def layout(m):
         while isinstance(m, EnsembleAdapter):  # a nested ensemble (a ``runA+runB`` surrogate of ensembles)
             m = m.members[0]                    # has checked its own members already
@@ -55,11 +59,11 @@ def _check_one_text_layout(members: Sequence[nn.Module]) -> None:
     vocab = sorted(first.tokenizer.get_vocab().items())
     for i, m in enumerate(members[1:], start=1):
         if layout(m) != layout(first):
-            raise ModelSpecError(f"text ensemble member {i} lays out its input as {layout(m)}, member 0 as "
-                                 f"{layout(first)}: members must share one layout (head and templates)")
+            raise ModelSpecError(f"{what} {names[i]} lays out its input as {layout(m)}, {what} {names[0]} as "
+                                 f"{layout(first)}: they must share one layout (head and templates)")
         if m.tokenizer is not first.tokenizer and sorted(m.tokenizer.get_vocab().items()) != vocab:
-            raise ModelSpecError("text ensemble members must share one tokenizer (the input perturbation is per "
-                                 f"token); member {i}'s vocabulary differs from member 0's")
+            raise ModelSpecError(f"{what} {names[i]}'s tokenizer vocabulary differs from {what} {names[0]}'s: "
+                                 f"they must share one tokenizer (the input perturbation is per token)")
 
 
 class EnsembleAdapter(nn.Module):
@@ -79,7 +83,7 @@ class EnsembleAdapter(nn.Module):
             if m.num_classes != first.num_classes:
                 raise ModelSpecError(f"ensemble member {i} has {m.num_classes} classes, member 0 {first.num_classes}")
         if first.modality == "text":
-            _check_one_text_layout(members)
+            check_one_text_layout(members)
         if combine not in ("logits", "probs"):
             raise ModelSpecError(f"ensemble combine {combine!r}; valid: logits, probs")
         self.members = nn.ModuleList(members)
