@@ -233,3 +233,9 @@ def test_usage_errors_of_overrides_and_word_attacks_return_2(capsys, tmp_path):
         with pytest.raises(SystemExit) as exc:
             main(["attack", str(tmp_path / "no-run"), "--n", n])
         assert exc.value.code == 2
+
+
+def test_launch_returns_the_commands_exit_code(capsys, tmp_path, monkeypatch):
+    """The launched command prints its own error; launch exits with its code, without a traceback."""
+    monkeypatch.setenv("PYTHONPATH", subprocess_env()["PYTHONPATH"])
+    assert main(["launch", "--num_processes", "1", "--", "run", str(tmp_path / "nope.yaml")]) == 2

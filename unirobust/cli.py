@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
 from .recipe import RecipeError
+
+log = logging.getLogger(__name__)
 
 EXAMPLES = """examples:
   unirobust run recipes/quickstart.yaml
@@ -251,7 +254,14 @@ def cmd_launch(args) -> int:
     options, command = rest[:cut], rest[cut + 1:]
     if not command:
         raise RecipeError("unirobust launch: give the unirobust command after --, e.g. -- run recipes/x.yaml")
-    launch_command(launch_command_parser().parse_args([*options, "-m", "unirobust.cli", *command]))
+    parsed = launch_command_parser().parse_args([*options, "-m", "unirobust.cli", *command])
+    if (parsed.num_processes or 1) > 1 and not (parsed.multi_gpu or parsed.use_deepspeed or parsed.use_fsdp):
+        log.warning("--num_processes %d without --multi_gpu: accelerate starts one process; add --multi_gpu "
+                    "(on CPU it runs the processes with the gloo backend)", parsed.num_processes)
+    try:
+        launch_command(parsed)
+    except subprocess.CalledProcessError as err:  # the command has printed its own error
+        return err.returncode
     return 0
 
 
