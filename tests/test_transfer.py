@@ -14,6 +14,7 @@ import argparse
 import json
 
 import pytest
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -223,12 +224,40 @@ def test_ensemble_target_reports_members_and_member_matrix(pair, test_set):
     res = transfer_matrix({"A": pair["A"]}, {"ens": ens}, data, attack, batch_size=32)
     members = res["member_accuracy"]["A"]["ens"]
     single = transfer_matrix({"A": pair["A"]}, pair, data, attack, batch_size=32)
-    # member accuracy counts correct adversarial predictions (clean mistakes included), so it bounds the cell
-    assert members[0] >= single["matrix"]["A"]["A"] and members[1] >= single["matrix"]["A"]["B"]
+    # a member's figure counts what a cell counts (correct clean and under attack): the members of the
+    # ensemble target score what the same models score as targets of their own
+    assert members[0] == pytest.approx(single["matrix"]["A"]["A"]) and members[1] == pytest.approx(single["matrix"]["A"]["B"])
     mm = member_matrix(ens, data, attack, batch_size=32)
     assert mm["matrix"]["member0"]["member0"] == single["matrix"]["A"]["A"]
     assert mm["matrix"]["member1"]["member0"] == pytest.approx(transfer_matrix(
         {"B": pair["B"]}, {"A": pair["A"]}, data, attack, batch_size=32)["matrix"]["B"]["A"])
+
+
+class Brighter(nn.Module):
+    """Class 1 when the image is brighter than mid-grey: wrong on a grey image of class 1, right once
+    an attack has brightened it."""
+
+    def forward(self, x):
+        s = 100 * (x.mean(dim=(1, 2, 3)) - 0.5 - 1e-3)
+        return torch.stack([torch.zeros_like(s), s], dim=-1)
+
+
+def test_member_accuracy_counts_only_examples_the_member_got_right_clean():
+    """A member wrong on a clean example and right under the attack is not robust on it (as in a
+    cell): its figure is 0, not 1."""
+    grey = [{"image": np.full((1, 4, 4), 0.5, dtype=np.float32), "label": 1} for _ in range(4)]
+
+    class Brighten:
+        eps, norm, relative = 0.1, "linf", False
+
+        def __call__(self, adapter, batch):
+            return adapter.embed(batch) + 0.1
+
+    member = VisionAdapter(Brighter(), 2)
+    res = transfer_matrix({"s": member}, {"ens": EnsembleAdapter([member, VisionAdapter(Brighter(), 2)])}, grey,
+                          Brighten(), batch_size=4)
+    assert res["clean"]["ens"] == 0.0 and res["matrix"]["s"]["ens"] == 0.0
+    assert res["member_accuracy"]["s"]["ens"] == [0.0, 0.0]
 
 
 def test_text_transfer_moves_the_perturbation_to_the_target(minilm_tokenizer):

@@ -65,6 +65,8 @@ def transfer_matrix(surrogates: dict[str, Any], targets: dict[str, Any], dataset
     callable ``attack(adapter, batch) -> z_adv`` whose ``eps`` / ``norm`` / ``relative`` (or ``threat``)
     bound the transferred point. With an ``accelerator`` the examples are split across processes and
     the counts summed. Returns ``{"n", "clean", "matrix", "member_accuracy", "white_box", "seconds"}``.
+    A cell counts the examples the target classifies correctly both clean and under the transferred
+    attack; ``member_accuracy`` counts the same per member of an ensemble target.
     """
     threat = threat or attack
     adapters = {**{id(a): a for a in surrogates.values()}, **{id(a): a for a in targets.values()}}
@@ -87,6 +89,8 @@ def transfer_matrix(surrogates: dict[str, Any], targets: dict[str, Any], dataset
                 z0 = {key: adapters[key].embed(b) for key, b in batches.items()}
                 correct = {t: adapters[id(a)].logits(z0[id(a)], batches[id(a)]).argmax(-1) == batches[id(a)]["labels"]
                            for t, a in targets.items()}
+                member_correct = {t: [a.member_logit(i, z0[id(a)], batches[id(a)]).argmax(-1) == batches[id(a)]["labels"]
+                                      for i in range(len(a))] for t, a in targets.items() if isinstance(a, EnsembleAdapter)}
             for t in targets:
                 clean[t] += float(correct[t].sum())
             for s, sa in surrogates.items():
@@ -105,7 +109,8 @@ def transfer_matrix(surrogates: dict[str, Any], targets: dict[str, Any], dataset
                         cells[s][t] += float(ok.sum())
                         if t in members[s]:
                             for i in range(len(ta)):
-                                members[s][t][i] += float((ta.member_logit(i, z, tb).argmax(-1) == tb["labels"]).sum())
+                                hit = member_correct[t][i] & (ta.member_logit(i, z, tb).argmax(-1) == tb["labels"])
+                                members[s][t][i] += float(hit.sum())
             n += len(examples)
     totals = {"n": n, "clean": clean, "cells": cells, "members": members}
     if world > 1:
