@@ -13,8 +13,8 @@ ensure_torchvision()
 import argparse
 import json
 
-import pytest
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
