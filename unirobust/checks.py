@@ -279,32 +279,28 @@ def run_checks(model, batch: dict, threat: Any, accuracies: Mapping | None = Non
     """
     adapter = unwrap(model)
     with eval_mode(adapter):  # the model as it is evaluated: no dropout, no BatchNorm statistics updates
-        return _run_checks(adapter, batch, threat, accuracies, sweep, black_box, n_queries, tol, max_zero_grad_fraction)
+        acc = dict(accuracies or {})
+        if acc and all(isinstance(k, (int, float)) for k in acc):
+            acc = {"by_eps": acc}
+        warnings = check_randomness(adapter, batch)
+        warnings += check_softmax_output(adapter, batch)
+        warnings += check_zero_gradients(adapter, batch, max_fraction=max_zero_grad_fraction)
 
+        flags = None
+        if acc.get("by_eps"):
+            warnings += check_eps_monotonic(acc["by_eps"], tol=tol)
+        elif sweep and threat.eps > 0:
+            flags = eps_sweep(adapter, batch, threat)
+            warnings += check_eps_monotonic({e: f.float().mean().item() for e, f in flags.items()}, tol=tol)
 
-def _run_checks(adapter, batch, threat, accuracies, sweep, black_box, n_queries, tol, max_zero_grad_fraction):
-    acc = dict(accuracies or {})
-    if acc and all(isinstance(k, (int, float)) for k in acc):
-        acc = {"by_eps": acc}
-    warnings = check_randomness(adapter, batch)
-    warnings += check_softmax_output(adapter, batch)
-    warnings += check_zero_gradients(adapter, batch, max_fraction=max_zero_grad_fraction)
-
-    flags = None
-    if acc.get("by_eps"):
-        warnings += check_eps_monotonic(acc["by_eps"], tol=tol)
-    elif sweep and threat.eps > 0:
-        flags = eps_sweep(adapter, batch, threat)
-        warnings += check_eps_monotonic({e: f.float().mean().item() for e, f in flags.items()}, tol=tol)
-
-    if acc.get("white_box") is not None and acc.get("black_box") is not None:
-        warnings += check_black_box(acc["white_box"], acc["black_box"], tol=tol)
-    elif black_box and threat.eps > 0:
-        eps = float(threat.eps)
-        white = flags[eps] if flags is not None else eps_sweep(adapter, batch, threat, (1.0,))[eps]
-        attack = RandomSearch(eps=eps, norm=threat.norm, n_queries=n_queries,
-                              relative=bool(getattr(threat, "relative", False)))
-        black = _correct(adapter, attack(adapter, batch), batch)
-        warnings += check_black_box(white.float().mean().item(), black.float().mean().item(), tol=tol,
-                                    n=len(black), black_only=int((white & ~black).sum()))
-    return warnings
+        if acc.get("white_box") is not None and acc.get("black_box") is not None:
+            warnings += check_black_box(acc["white_box"], acc["black_box"], tol=tol)
+        elif black_box and threat.eps > 0:
+            eps = float(threat.eps)
+            white = flags[eps] if flags is not None else eps_sweep(adapter, batch, threat, (1.0,))[eps]
+            attack = RandomSearch(eps=eps, norm=threat.norm, n_queries=n_queries,
+                                  relative=bool(getattr(threat, "relative", False)))
+            black = _correct(adapter, attack(adapter, batch), batch)
+            warnings += check_black_box(white.float().mean().item(), black.float().mean().item(), tol=tol,
+                                        n=len(black), black_only=int((white & ~black).sum()))
+        return warnings

@@ -58,42 +58,36 @@ def evaluate(adapter, dataset, attacks: dict[str, object], accelerator, batch_si
     the cascade: each attacks the first ``n`` examples on its own, its per-example results go to
     ``out_dir/attacks/<name>/`` (resumable) and its summary to ``metrics["word_attacks"][name]``.
     The model is evaluated in eval mode throughout (its mode is restored after)."""
-    with eval_mode(accelerator.unwrap_model(adapter)):
-        return _evaluate(adapter, dataset, attacks, accelerator, batch_size, class_names, desc, threat,
-                         check_examples, out_dir)
-
-
-def _evaluate(adapter, dataset, attacks, accelerator, batch_size, class_names, desc, threat, check_examples,
-              out_dir) -> dict:
-    parameters = {title: attack_parameters(a) for title, a in attacks.items()}
-    attacks, word = split_word_attacks(attacks)
-    loader = accelerator.prepare_data_loader(
-        DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=adapter.collate))
     model = accelerator.unwrap_model(adapter)
-    names = list(attacks)
-    flags, labels = [], []
-    start = time.time()
-    first = None
-    for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True):
-        first = batch if first is None else first
-        stages, _ = cascade(model, batch, list(attacks.values()))
-        stages, y = accelerator.gather_for_metrics((stages.T.contiguous(), batch["labels"]))
-        flags.append(stages.cpu())
-        labels.append(y.cpu())
-    flags = torch.cat(flags).float() if flags else torch.zeros(0, len(names) + 1)
-    labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
-    metrics = summarise(flags, labels, names, class_names, time.time() - start)
-    metrics["attacks"] = parameters
-    if threat is not None and check_examples and first is not None and accelerator.is_main_process:
-        from .checks import run_checks
-
+    with eval_mode(model):
+        parameters = {title: attack_parameters(a) for title, a in attacks.items()}
+        attacks, word = split_word_attacks(attacks)
+        loader = accelerator.prepare_data_loader(
+            DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=adapter.collate))
+        names = list(attacks)
+        flags, labels = [], []
         start = time.time()
-        sample = select(first, torch.arange(min(check_examples, len(first["labels"]))))
-        metrics["warnings"] = run_checks(model, sample, threat)
-        metrics["checks_seconds"] = time.time() - start
-    if word:
-        metrics["word_attacks"] = run_word_attacks(model, dataset, word, accelerator, out_dir)
-    return metrics
+        first = None
+        for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True):
+            first = batch if first is None else first
+            stages, _ = cascade(model, batch, list(attacks.values()))
+            stages, y = accelerator.gather_for_metrics((stages.T.contiguous(), batch["labels"]))
+            flags.append(stages.cpu())
+            labels.append(y.cpu())
+        flags = torch.cat(flags).float() if flags else torch.zeros(0, len(names) + 1)
+        labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+        metrics = summarise(flags, labels, names, class_names, time.time() - start)
+        metrics["attacks"] = parameters
+        if threat is not None and check_examples and first is not None and accelerator.is_main_process:
+            from .checks import run_checks
+
+            start = time.time()
+            sample = select(first, torch.arange(min(check_examples, len(first["labels"]))))
+            metrics["warnings"] = run_checks(model, sample, threat)
+            metrics["checks_seconds"] = time.time() - start
+        if word:
+            metrics["word_attacks"] = run_word_attacks(model, dataset, word, accelerator, out_dir)
+        return metrics
 
 
 def run_word_attacks(adapter, dataset, attacks: dict, accelerator, out_dir=None) -> dict:
