@@ -310,7 +310,7 @@ def cmd_transfer(args) -> int:
 
     from .recipe import RecipeError
 
-    recipe, _ = load_run(args.targets[0])
+    recipe, first = load_run(args.targets[0])
     task = recipe.resolved_task
     configs = [AttackConfig(**parse_attack(a)) for a in (args.attack or ["mi-fgsm"])]
     attacks, words = split_word_attacks(build_attacks(configs, task.threat))
@@ -320,7 +320,8 @@ def cmd_transfer(args) -> int:
     accelerator = make_accelerator(recipe)
     set_seed(recipe.seed)  # random starts: the same numbers on every call
     device = accelerator.device
-    targets = {t: load_surrogate(t, device, task) for t in args.targets}  # every target reads targets[0]'s data
+    targets = {t: first.to(device) if i == 0 else load_surrogate(t, device, task)  # every target reads targets[0]'s data
+               for i, t in enumerate(args.targets)}
     surrogates = {s: targets[s] if s in targets else load_surrogate(s, device, task) for s in args.surrogates}
     check_transferable({**targets, **surrogates})
     data = first_examples(load_task(task, seed=recipe.seed).split(args.split or recipe.eval.split),
