@@ -239,3 +239,23 @@ def test_launch_returns_the_commands_exit_code(capsys, tmp_path, monkeypatch):
     """The launched command prints its own error; launch exits with its code, without a traceback."""
     monkeypatch.setenv("PYTHONPATH", subprocess_env()["PYTHONPATH"])
     assert main(["launch", "--num_processes", "1", "--", "run", str(tmp_path / "nope.yaml")]) == 2
+
+
+def test_other_ranks_keep_progress_lines_out_of_the_console(tmp_path):
+    """Under `launch`, a rank other than local rank 0 logs warnings only to the console; its run
+    log (which lowers the unirobust logger to INFO) still gets the progress lines."""
+    script = ("import logging\n"
+              "from pathlib import Path\n"
+              "from unirobust.cli import configure_logging\n"
+              "from unirobust.runs import LogToFile\n"
+              "configure_logging(verbose=False)\n"
+              f"with LogToFile(Path({str(tmp_path / 'log.1.txt')!r})):\n"
+              "    logging.getLogger('unirobust.train').info('epoch 0: loss 0.5')\n"
+              "    logging.getLogger('unirobust.train').warning('a warning')\n")
+    for rank, console_has_progress in (("1", False), ("0", True)):
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              env={**os.environ, "LOCAL_RANK": rank}, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert "a warning" in done.stderr
+        assert ("epoch 0: loss 0.5" in done.stderr) is console_has_progress, (rank, done.stderr)
+        assert "epoch 0: loss 0.5" in (tmp_path / "log.1.txt").read_text()

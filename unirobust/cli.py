@@ -391,6 +391,23 @@ def parse_with_late_overrides(parser: argparse.ArgumentParser, argv: list[str]) 
     return args
 
 
+def configure_logging(verbose: bool) -> None:
+    """Console logging: INFO (DEBUG with -v); under `launch`, warnings only except on local rank 0.
+    The level sits on the console handler too, so a run log that lowers the ``unirobust`` logger to
+    INFO (runs.LogToFile) does not bring every rank's progress lines back to the console."""
+    import os
+
+    quiet = os.environ.get("LOCAL_RANK", "0") != "0"
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    root = logging.getLogger()
+    theirs = set(root.handlers)  # an embedding program's (or pytest's) handlers are left as they are
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for handler in set(root.handlers) - theirs:
+        handler.setLevel(level)
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
@@ -398,13 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         args = argparse.Namespace(command="launch", rest=argv[1:], verbose=False)  # options belong to accelerate
     else:
         args = parse_with_late_overrides(parser, argv)
-    import os
-
-    quiet = os.environ.get("LOCAL_RANK", "0") != "0"  # under `launch`, only local rank 0 logs progress
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
-                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging(args.verbose)
     from .advglue import AdvGLUEError
     from .attacks.text.sources import MissingMaskedLM
     from .models.base import ModelSpecError

@@ -142,10 +142,13 @@ def write_report(run_dir: Path, name: str, metrics: dict) -> None:
     if train and train.get("history"):
         extra = [k for k in dict.fromkeys(k for h in train["history"] for k in h)
                  if k not in ("epoch", "step", "loss", "train_accuracy")]  # monitors and defense stats
-        header = ["epoch", "loss", "train accuracy %", *extra]
+        as_pct = {k for k in extra if k.endswith("accuracy")}  # fractions, shown in % like train accuracy
+        header = ["epoch", "loss", "train accuracy %",
+                  *(k.replace("_", " ") + " %" if k in as_pct else k.replace("_", " ") for k in extra)]
         lines += ["## Training", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
         lines += ["| " + " | ".join([str(h["epoch"]), f"{h['loss']:.4f}", pct(h["train_accuracy"]),
-                                     *(cell(h.get(k)) for k in extra)]) + " |" for h in train["history"]]
+                                     *(pct(h.get(k)) if k in as_pct else cell(h.get(k)) for k in extra)]) + " |"
+                  for h in train["history"]]
         if train.get("catastrophic_overfitting"):
             lines += ["", "**Catastrophic overfitting detected** (held-out PGD accuracy collapsed; see log.txt)."]
         lines += ["", f"{train['steps']} steps in {train['seconds']:.1f} s.", ""]
