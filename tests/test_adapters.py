@@ -367,3 +367,13 @@ def test_unknown_model_option_is_a_model_spec_error(digits_task):
 
     with pytest.raises(ModelSpecError, match="does not take an option.*drop_rat"):
         build_model("timm:test_resnet", digits_task, drop_rat=0.1)
+
+
+def test_options_the_task_sets_are_a_model_spec_error(digits_task):
+    """num_classes and in_chans come from the task; giving them too was a TypeError traceback."""
+    from unirobust.models import build_model
+    from unirobust.models.base import ModelSpecError
+
+    for option in ("in_chans", "num_classes"):
+        with pytest.raises(ModelSpecError, match=f"{option} come from the task"):
+            build_model("timm:test_resnet", digits_task, **{option: 1})

@@ -267,3 +267,27 @@ def test_atomic_writes_keep_the_umask_mode_and_leave_nothing_behind(tmp_path):
         assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temp file left
     finally:
         os.umask(old)
+
+
+def test_study_summary_tables_and_plots_every_variant(tmp_path):
+    """A recipe with variants on two tasks: summary.md holds one row per run with its own metrics,
+    names each run's task, and links the bar chart it wrote."""
+    from unirobust.cli import main
+
+    raw = json.loads(json.dumps(TINY))
+    raw.update(output_dir=str(tmp_path), train={"epochs": 0},
+               eval={"batch_size": 32, "check_examples": 0, "attacks": [{"name": "fgsm"}]},
+               variants=[{"name": "digits"},
+                         {"name": "animals", "task": {"name": "animal-mnist", "max_train": 20, "max_eval": 20},
+                          "model": {"spec": "timm:test_resnet"}}])
+    recipe = tmp_path / "study.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    assert main(["run", str(recipe)]) == 0
+    summary = (tmp_path / "tiny" / "summary.md").read_text()
+    for variant, task in (("digits", "digits"), ("animals", "animal-mnist")):
+        ev = json.loads((tmp_path / "tiny" / variant / "metrics.json").read_text())["eval"]
+        row = next(line for line in summary.splitlines() if line.startswith(f"| tiny/{variant} | "))
+        assert row.startswith(f"| tiny/{variant} | {task} | {ev['n']} | {100 * ev['clean_accuracy']:.1f} | "
+                              f"{100 * ev['robust_accuracy']:.1f} | ")
+    assert "![clean and robust accuracy of every run](summary.png)" in summary
+    assert (tmp_path / "tiny" / "summary.png").stat().st_size > 0

@@ -48,7 +48,7 @@ def parse_attack(text: str) -> dict:
 
 def cmd_run(args, evaluate_after: bool = True) -> int:
     from .recipe import load_recipes
-    from .report import atomic_write, metrics_table
+    from .report import metrics_table, write_summary
     from .runs import execute
 
     recipes = load_recipes(args.recipe, args.overrides)
@@ -60,12 +60,11 @@ def cmd_run(args, evaluate_after: bool = True) -> int:
     from accelerate import PartialState
 
     if results and PartialState().is_main_process:
-        table = metrics_table(results)
-        print("\n" + table)
-        if len(recipes) > 1:
+        tasks = {r.name: r.task.name for r in recipes} if len(recipes) > 1 else None
+        print("\n" + metrics_table(results, tasks))
+        if tasks:
             root = Path(recipes[0].output_dir) / recipes[0].name.split("/")[0]
-            atomic_write(root / "summary.md", f"# {root.name}\n\n{table}\n")
-            print(f"\nsummary: {root / 'summary.md'}")
+            print(f"\nsummary: {write_summary(root, results, tasks)}")
     return 0
 
 

@@ -100,13 +100,17 @@ def cell(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def metrics_table(rows: dict[str, dict]) -> str:
-    """Markdown table: one row per run, clean accuracy, each cascade stage, robust accuracy."""
-    lines = ["| run | clean % | robust % | worst class robust % | attacks (cascade) |", "|---|---|---|---|---|"]
+def metrics_table(rows: dict[str, dict], tasks: dict[str, str] | None = None) -> str:
+    """Markdown table: one row per run, clean accuracy, each cascade stage, robust accuracy; with
+    ``tasks`` (run -> task name) also each run's task and number of examples (a study's summary)."""
+    extra = ("task", "examples") if tasks else ()
+    head = ["run", *extra, "clean %", "robust %", "worst class robust %", "attacks (cascade)"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for name, m in rows.items():
         stages = "; ".join(f"{s['attack']}: {pct(s['robust_accuracy'])}" for s in m.get("cascade", []))
-        lines.append(f"| {name} | {pct(m['clean_accuracy'])} | {pct(m['robust_accuracy'])} | "
-                     f"{pct(m.get('worst_class_robust_accuracy'))} | {stages or '—'} |")
+        where = [tasks[name], str(m["n"])] if tasks else []
+        lines.append("| " + " | ".join([name, *where, pct(m["clean_accuracy"]), pct(m["robust_accuracy"]),
+                                         pct(m.get("worst_class_robust_accuracy")), stages or "—"]) + " |")
     return "\n".join(lines)
 
 
@@ -163,6 +167,12 @@ def write_report(run_dir: Path, name: str, metrics: dict) -> None:
 
 def plot_per_class(path: Path, title: str, ev: dict) -> bool:
     """Bar chart of clean and robust accuracy per class (PNG); False if matplotlib is missing."""
+    return plot_clean_robust(path, title, {c: v for c, v in ev["per_class"].items()})
+
+
+def plot_clean_robust(path: Path, title: str, bars: dict[str, dict]) -> bool:
+    """Bar chart of ``clean_accuracy`` and ``robust_accuracy`` for each labelled entry of ``bars``
+    (classes of a run, or the runs of a study); False if matplotlib is missing."""
     try:
         import matplotlib
 
@@ -170,12 +180,12 @@ def plot_per_class(path: Path, title: str, ev: dict) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    classes = list(ev["per_class"])
-    x = range(len(classes))
-    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(classes) + 2), 3))
-    ax.bar([i - 0.2 for i in x], [ev["per_class"][c]["clean_accuracy"] for c in classes], 0.4, label="clean")
-    ax.bar([i + 0.2 for i in x], [ev["per_class"][c]["robust_accuracy"] for c in classes], 0.4, label="robust")
-    ax.set_xticks(list(x), classes, rotation=45, ha="right")
+    labels = list(bars)
+    x = range(len(labels))
+    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(labels) + 2), 3))
+    ax.bar([i - 0.2 for i in x], [bars[k]["clean_accuracy"] for k in labels], 0.4, label="clean")
+    ax.bar([i + 0.2 for i in x], [bars[k]["robust_accuracy"] for k in labels], 0.4, label="robust")
+    ax.set_xticks(list(x), labels, rotation=45, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
     ax.set_title(title)
@@ -187,3 +197,14 @@ def plot_per_class(path: Path, title: str, ev: dict) -> bool:
     finally:
         plt.close(fig)
     return True
+
+
+def write_summary(root: Path, results: dict[str, dict], tasks: dict[str, str]) -> Path:
+    """``root/summary.md`` for the variants of one recipe (a study): the metrics table, each run's
+    task, and a clean-vs-robust bar chart of all runs (``summary.png``). Returns the summary path."""
+    lines = [f"# {root.name}", "", metrics_table(results, tasks)]
+    bars = {f"{name.split('/', 1)[-1]} ({tasks[name]})": ev for name, ev in results.items()}
+    if plot_clean_robust(root / "summary.png", f"{root.name}: clean vs robust accuracy", bars):
+        lines += ["", "![clean and robust accuracy of every run](summary.png)"]
+    atomic_write(root / "summary.md", "\n".join(lines) + "\n")
+    return root / "summary.md"

@@ -131,6 +131,12 @@ def _build_classifier(arch: str, task, pretrained: bool = False, feature_layer: 
     """
     import timm
 
+    taken = sorted({"num_classes", "in_chans"} & set(kwargs))
+    if taken:
+        from ..models.base import ModelSpecError
+
+        raise ModelSpecError(f"model option(s) {', '.join(taken)} come from the task (its classes and image "
+                             f"channels); remove them from model.options")
     channels = task.image_shape[0]
     net = timm.create_model(arch, pretrained=pretrained, num_classes=task.num_classes, in_chans=channels, **kwargs)
     return VisionAdapter(net, task.num_classes, task.mean or [0.5] * channels, task.std or [0.5] * channels,
