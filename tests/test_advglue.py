@@ -204,6 +204,8 @@ def test_advglue_task_loader(release_file, tmp_path):
     ("sst2-sample", "{tmp}/missing.json", "not found"),
     ("sst2-sample", "{tmp}/qqp_only.json", "none of the AdvGLUE tasks"),
     ("sst2-sample", "", "give --advglue too"),  # --advglue-benign alone
+    ("sst2-sample", "{tmp}/sst2.json --advglue-benign {tmp}/benign_typo.json", "not found"),
+    ("sst2-sample", "{tmp}/sst2.json --advglue-benign {tmp}/qqp_only.json", "none of the AdvGLUE tasks"),
 ])
 def test_eval_checks_advglue_before_attacking(capsys, tmp_path, monkeypatch, task, source, message):
     import unirobust.evaluate
@@ -211,10 +213,11 @@ def test_eval_checks_advglue_before_attacking(capsys, tmp_path, monkeypatch, tas
     from unirobust.cli import main
 
     write_advglue(tmp_path / "qqp_only.json", {"qqp": RELEASE["qqp"]})
+    write_advglue(tmp_path / "sst2.json", {"sst2": RELEASE["sst2"]})
     attacked = []
     monkeypatch.setattr(unirobust.evaluate, "evaluate", lambda *a, **k: attacked.append(1) or {})
     spec = "timm:test_resnet" if task == "digits" else "hf:sentence-transformers/all-MiniLM-L6-v2"
-    advglue = ["--advglue", source.format(tmp=tmp_path)] if source else ["--advglue-benign", "glue"]
+    advglue = ["--advglue", *source.format(tmp=tmp_path).split()] if source else ["--advglue-benign", "glue"]
     code = main(["eval", spec, "--task", task, *advglue, "task.max_eval=8"])
     assert code == 2 and message in capsys.readouterr().err
     assert attacked == []

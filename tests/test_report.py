@@ -20,3 +20,17 @@ def test_training_table_shows_every_accuracy_in_percent(tmp_path):
     assert row["monitor pgd accuracy %"] == "37.5" and row["monitor fgsm accuracy %"] == "50.0"
     assert row["clean correct"] == "7"  # a count stays a count
     assert json.loads((tmp_path / "metrics.json").read_text())["train"]["history"] == history
+
+
+def test_study_table_has_a_column_per_word_attack():
+    """A study comparing defenses shows each word attack's accuracy beside the cascade ("—" for a
+    run that did not run it, e.g. a vision variant)."""
+    from unirobust.report import metrics_table
+
+    text = {"n": 32, "clean_accuracy": 0.75, "robust_accuracy": 0.5, "cascade": [],
+            "word_attacks": {"pwws(n=8)": {"accuracy_under_attack": 0.125}}}
+    vision = {"n": 96, "clean_accuracy": 0.9, "robust_accuracy": 0.4, "cascade": []}
+    lines = metrics_table({"s/text": text, "s/vision": vision}, {"s/text": "sst2", "s/vision": "digits"}).splitlines()
+    assert lines[0].split("|")[-2].strip() == "pwws(n=8) %"
+    assert lines[2].split("|")[-2].strip() == "12.5" and lines[3].split("|")[-2].strip() == "—"
+    assert "pwws" not in metrics_table({"s/text": text})  # a single run's report has its own word table

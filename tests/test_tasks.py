@@ -49,7 +49,7 @@ def test_local_tsv_with_header(tmp_path):
     assert data.test["sentence"] == data.validation["sentence"]  # no test split: validation doubles as test
     assert data.train["sentence"] == [s for s, _ in TRAIN_ROWS]  # verbatim, quotes included
     assert data.train["label"] == [1, 0, 1, 0]
-    assert data.validation[0] == {"sentence": "great", "label": 1}
+    assert data.validation[0] == {"sentence": "great", "label": 1, "idx": 0}
 
 
 def test_local_tsv_without_header_string_labels(tmp_path):
@@ -333,6 +333,35 @@ def test_max_eval_on_text(tmp_path):
                                           max_train=7, max_eval=5))
     data = load_task(get_task(str(path)))
     assert len(data.train) == 7 and len(data.validation) == 5 and len(data.test) == 5
+
+
+def test_text_examples_keep_their_source_row_through_holdout_and_limits(tmp_path):
+    """``idx`` is each example's row in its source file (what advgen writes into AdvGLUE items), not
+    its position after the shuffled holdout and ``max_eval`` sample; a source's own idx is kept."""
+    rows = [f"sentence number {i}" for i in range(40)]
+    write_lines(tmp_path / "data" / "train.tsv", ["sentence\tlabel"] + [f"{r}\t{i % 2}" for i, r in enumerate(rows)])
+    path = write_task(tmp_path, text_task({"loader": "local", "path": "data", "splits": {"train": "train.tsv"},
+                                           "holdout": {"validation": 0.25}}, max_eval=6))
+    data = load_task(get_task(str(path)))
+    for split in (data.train, data.validation):
+        assert all(rows[ex["idx"]] == ex["sentence"] for ex in split)
+    assert sorted(data.validation["idx"]) != list(range(6))  # sampled rows, not positions
+    write_lines(tmp_path / "data" / "own.tsv", ["idx\tsentence\tlabel", "70\tgreat\t1", "71\tawful\t0"])
+    path = write_task(tmp_path, text_task({"loader": "local", "path": "data", "splits": {"train": "own.tsv",
+                                                                                     "validation": "own.tsv"}}))
+    assert load_task(get_task(str(path))).validation["idx"] == ["70", "71"]
+
+
+def test_hub_source_that_cannot_load_is_a_task_error(monkeypatch):
+    """Offline (or a wrong id), a hub task says how to read local files instead of a raw traceback."""
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'glue' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(TaskError, match=r"cannot load 'glue' \(config 'sst2'\) from the hub: Couldn't reach.*loader: local"):
+        load_task(get_task("sst2"))
 
 
 # ----------------------------------------------------------------------------- shipped tasks

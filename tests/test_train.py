@@ -203,11 +203,15 @@ def test_two_processes_report_the_same_metrics(tmp_path):
     for key in ("clean_accuracy", "robust_accuracy", "per_class"):
         assert two[key] == single[key], key
 
-    res = subprocess.run([*launch, "run", str(recipe), f"output_dir={tmp_path / 'ddp'}", "train.epochs=1"],
-                         capture_output=True, text=True)
+    # 200 training examples in batches of 32: the last batch (8) is filled up with 24 repeated ones
+    res = subprocess.run([*launch, "run", str(recipe), f"output_dir={tmp_path / 'ddp'}", "train.epochs=1",
+                          "task.max_train=200"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     ddp = json.loads((tmp_path / "ddp" / "tiny" / "metrics.json").read_text())
-    assert ddp["eval"]["n"] == 96 and ddp["train"]["steps"] == 6
+    assert ddp["eval"]["n"] == 96 and ddp["train"]["steps"] == 7
+    epoch = ddp["train"]["history"][0]
+    assert epoch["examples"] == 200  # the repeated examples are not counted
+    assert abs(epoch["train_accuracy"] * 200 - round(epoch["train_accuracy"] * 200)) < 1e-6
     assert res.stdout.count("| tiny |") == 1  # the summary table is printed once, by the main process
 
 
@@ -291,3 +295,22 @@ def test_study_summary_tables_and_plots_every_variant(tmp_path):
                               f"{100 * ev['robust_accuracy']:.1f} | ")
     assert "![clean and robust accuracy of every run](summary.png)" in summary
     assert (tmp_path / "tiny" / "summary.png").stat().st_size > 0
+
+
+def test_real_examples_leave_out_the_last_batch_padding():
+    """accelerate fills a multi-process epoch's last global batch up with repeated examples; the
+    real ones come first, and rank r holds slice r. 200 examples, global batch 32 on 2 ranks: the
+    last batch holds 8 real ones, all on rank 0."""
+    from types import SimpleNamespace
+
+    from unirobust.train import real_examples
+
+    def acc(rank, world, last, remainder):
+        return SimpleNamespace(num_processes=world, process_index=rank,
+                               gradient_state=SimpleNamespace(end_of_dataloader=last, remainder=remainder))
+
+    assert [real_examples(acc(r, 2, True, 8), 16) for r in (0, 1)] == [8, 0]
+    assert [real_examples(acc(r, 2, True, 24), 16) for r in (0, 1)] == [16, 8]
+    assert [real_examples(acc(r, 2, False, 24), 16) for r in (0, 1)] == [16, 16]  # not the last batch
+    assert [real_examples(acc(r, 4, True, 0), 8) for r in range(4)] == [8] * 4  # an even split: no padding
+    assert real_examples(acc(0, 1, True, 8), 8) == 8  # one process: the last batch is just short

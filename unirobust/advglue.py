@@ -195,6 +195,8 @@ def load_glue_dev(source: str | Path | Mapping, tasks: Sequence[str]) -> dict:
     _check_keys(tasks)
     if isinstance(source, Mapping) or Path(source).expanduser().exists():
         return load_advglue(source, tasks)
+    if _looks_like_path(str(source)):
+        raise AdvGLUEError(f"benign (GLUE dev) file not found: {source}")
     return _from_hub(str(source), list(tasks), GLUE_DEV)
 
 

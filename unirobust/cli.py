@@ -126,6 +126,8 @@ def cmd_eval(args) -> int:
         from .advglue import check_advglue_source
 
         check_advglue_source(task, args.advglue)
+        if args.advglue_benign:
+            check_advglue_source(task, args.advglue_benign)
     accelerator = make_accelerator(recipe)
     adapter = adapter.to(accelerator.device)
     batch_size = args.batch_size or recipe.eval.batch_size

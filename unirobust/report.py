@@ -101,16 +101,20 @@ def cell(v) -> str:
 
 
 def metrics_table(rows: dict[str, dict], tasks: dict[str, str] | None = None) -> str:
-    """Markdown table: one row per run, clean accuracy, each cascade stage, robust accuracy; with
-    ``tasks`` (run -> task name) also each run's task and number of examples (a study's summary)."""
+    """Markdown table: one row per run, clean accuracy, each cascade stage, robust accuracy. With
+    ``tasks`` (run -> task name; a study's summary) also each run's task and number of examples,
+    and the accuracy under each word-substitution attack (on its own ``n`` examples)."""
     extra = ("task", "examples") if tasks else ()
-    head = ["run", *extra, "clean %", "robust %", "worst class robust %", "attacks (cascade)"]
+    words = list(dict.fromkeys(k for m in rows.values() for k in m.get("word_attacks", {}))) if tasks else []
+    head = ["run", *extra, "clean %", "robust %", "worst class robust %", "attacks (cascade)",
+            *(f"{w} %" for w in words)]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for name, m in rows.items():
         stages = "; ".join(f"{s['attack']}: {pct(s['robust_accuracy'])}" for s in m.get("cascade", []))
         where = [tasks[name], str(m["n"])] if tasks else []
+        word = [pct(m.get("word_attacks", {}).get(w, {}).get("accuracy_under_attack")) for w in words]
         lines.append("| " + " | ".join([name, *where, pct(m["clean_accuracy"]), pct(m["robust_accuracy"]),
-                                         pct(m.get("worst_class_robust_accuracy")), stages or "—"]) + " |")
+                                         pct(m.get("worst_class_robust_accuracy")), stages or "—", *word]) + " |")
     return "\n".join(lines)
 
 
@@ -153,6 +157,9 @@ def write_report(run_dir: Path, name: str, metrics: dict) -> None:
         lines += ["| " + " | ".join([str(h["epoch"]), f"{h['loss']:.4f}", pct(h["train_accuracy"]),
                                      *(pct(h.get(k)) if k in as_pct else cell(h.get(k)) for k in extra)]) + " |"
                   for h in train["history"]]
+        lines += ["", "Train accuracy and loss are over the inputs the defense trains on (adversarial ones for "
+                  "adversarial training), so they differ in meaning across defenses; monitor accuracies are on a "
+                  "fixed held-out batch."]
         if train.get("catastrophic_overfitting"):
             lines += ["", "**Catastrophic overfitting detected** (held-out PGD accuracy collapsed; see log.txt)."]
         lines += ["", f"{train['steps']} steps in {train['seconds']:.1f} s.", ""]

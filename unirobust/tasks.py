@@ -305,6 +305,8 @@ def _normalise_labels(task: Task, ds):
 
     ys = np.asarray([to_index(v) for v in ds["label"]], dtype=np.int64)
     ds = ds.remove_columns("label").add_column("label", ys.tolist())
+    if "idx" not in ds.column_names:  # each example's row in its source split, kept through holdout and
+        ds = ds.add_column("idx", list(range(len(ds))))  # sampling (AdvGLUE items made by advgen carry it)
     if len(ys) and (ys.min() < 0 or ys.max() >= task.num_classes):
         raise TaskError(f"task {task.name!r}: labels outside 0..{task.num_classes - 1} "
                         f"(an unlabelled split such as GLUE test? map test to validation)")
@@ -374,7 +376,13 @@ def load_hub(task: Task) -> dict:
     import datasets
 
     src = task.source
-    ds = datasets.load_dataset(src.path, src.name)
+    try:
+        ds = datasets.load_dataset(src.path, src.name)
+    except Exception as err:  # offline, unknown id, gated, ...: say what to do instead
+        raise TaskError(f"task {task.name!r}: cannot load {src.path!r}" + (f" (config {src.name!r})" if src.name else "")
+                        + f" from the hub: {str(err).splitlines()[0] if str(err) else type(err).__name__}. Offline, "
+                        f"read local files instead: task.source={{loader: local, path: <folder>, splits: "
+                        f"{{train: train.tsv, validation: dev.tsv}}}} (see README, Tasks)") from err
     mapping = src.splits or {s: s for s in SPLITS if s in ds}
     return {ours: ds[theirs] for ours, theirs in mapping.items()}
 

@@ -181,6 +181,18 @@ def epoch_sums(accelerator, sums, stats: dict[str, float]) -> dict:
     return {"sums": total[:3].tolist(), "stats": dict(zip(keys, total[3:].tolist()))}
 
 
+def real_examples(accelerator, n: int) -> int:
+    """How many of this rank's ``n`` batch examples are real. On several processes the epoch's last
+    batch is filled up to the full batch with examples from the epoch's start (accelerate's
+    ``even_batches``, so that every rank takes the same steps); the real ones come first in the
+    global batch, and rank ``r`` holds its ``r``-th slice. They train like the rest (as a padded
+    ``DistributedSampler`` does), but loss, accuracy and counts leave them out."""
+    state = accelerator.gradient_state
+    if accelerator.num_processes == 1 or not state.end_of_dataloader or state.remainder <= 0:
+        return n
+    return max(0, min(n, state.remainder - accelerator.process_index * n))
+
+
 def defense_step(defense, view, batch, accelerator) -> dict:
     """One forward/backward of the defense. A defense that needs several backward passes per step
     (FreeLB's accumulated ascent) defines ``step(model, batch, backward)`` and calls ``backward``
@@ -253,8 +265,8 @@ def fit(recipe: Recipe, adapter, train_set, accelerator, run_dir: Path, resume: 
         loss_sum, correct, count = totals["sums"]
         if count <= 0:
             return
-        entry = {"epoch": epoch, "step": step, "loss": loss_sum / count, "train_accuracy": correct / count,
-                 **totals["stats"]}
+        entry = {"epoch": epoch, "step": step, "examples": int(count), "loss": loss_sum / count,
+                 "train_accuracy": correct / count, **totals["stats"]}
         if monitor is not None:
             entry.update(monitor.check(view.unwrapped, epoch))
         history.append(entry)
@@ -295,9 +307,9 @@ def fit(recipe: Recipe, adapter, train_set, accelerator, run_dir: Path, resume: 
                     optimizer.zero_grad()
                 for key, value in out.get("stats", {}).items():
                     stats[key] = stats.get(key, 0.0) + float(value)
-            n = len(batch["labels"])
+            n = real_examples(accelerator, len(batch["labels"]))  # the batch's mean loss stands for its real ones
             sums += torch.stack([out["loss"].detach().float() * n,
-                                 (out["logits"].argmax(-1) == batch["labels"]).sum().float(),
+                                 (out["logits"][:n].argmax(-1) == batch["labels"][:n]).sum().float(),
                                  torch.tensor(float(n), device=sums.device)])
             if accelerator.sync_gradients:
                 step += 1
@@ -316,4 +328,12 @@ def fit(recipe: Recipe, adapter, train_set, accelerator, run_dir: Path, resume: 
     seconds = time.time() - start
     return {"history": history, "steps": step, "seconds": seconds,
             "catastrophic_overfitting": bool(monitor and monitor.overfit_epochs),
-            "examples_per_second": step * cfg.batch_size * cfg.grad_accum / seconds if seconds and step else None}
+            "examples_per_second": examples_seen(history, step * cfg.batch_size * cfg.grad_accum) / seconds
+            if seconds and step else None}
+
+
+def examples_seen(history: list[dict], fallback: int) -> int:
+    """Real training examples over the run's epochs (``fallback`` for a history from before the
+    per-epoch count was recorded)."""
+    counts = [h.get("examples") for h in history]
+    return sum(counts) if counts and None not in counts else fallback
