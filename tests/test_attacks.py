@@ -372,3 +372,14 @@ def test_task_step_size_only_for_the_task_budget():
     assert cwa.alpha is None and cwa.step_size == pytest.approx(0.02)  # eps / 5, by its own default
     assert build_attack({"name": "cwa", "alpha": 0.05}, small).alpha == 0.05
     assert build_attack({"name": "mi-fgsm"}, small).alpha == 0.01  # MI-FGSM's alpha is its step size
+
+
+def test_attack_parameters_record_the_step_size_used():
+    """metrics.json / eval.json record each attack's parameters: a default step size is recorded as
+    the value the attack used, not null."""
+    from unirobust.attacks import attack_parameters
+    from unirobust.attacks.pgd import FGSM, PGD
+
+    assert attack_parameters(PGD(eps=0.1, steps=10))["alpha"] == pytest.approx(0.025)
+    assert attack_parameters(PGD(eps=0.1, steps=10, alpha=0.01))["alpha"] == 0.01
+    assert attack_parameters(FGSM(eps=0.1))["alpha"] == 0.1

@@ -80,6 +80,28 @@ def test_unknown_label_name_is_named(tmp_path):
         load_task(get_task(str(path)))
 
 
+@pytest.mark.parametrize("lines,message", [
+    (["text,topic", "a,0"], "label field 'label' not in data columns \\['text', 'topic'\\]"),
+    (["text,label", "a,2.5"], "unknown label '2.5'.*indices 0..1"),
+    (["text,label", "a,1", "b,2"], "label 2 outside 0..1 .labels are 0-based"),
+])
+def test_label_column_and_value_errors(tmp_path, lines, message):
+    write_lines(tmp_path / "data" / "train.csv", lines)
+    spec = text_task({"loader": "local", "path": "data", "splits": {"train": "train.csv", "validation": "train.csv"}})
+    spec["text_fields"] = ["text"]
+    with pytest.raises(TaskError, match=message):
+        load_task(get_task(str(write_task(tmp_path, spec))))
+
+
+def test_csv_with_a_byte_order_mark(tmp_path):
+    """A spreadsheet's "UTF-8 CSV" starts with a BOM, which must not become part of the first column name."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.csv").write_bytes("\ufefftext,label\nfine,1\nbad,0\n".encode("utf-8"))
+    spec = text_task({"loader": "local", "path": "data", "splits": {"train": "train.csv", "validation": "train.csv"}})
+    spec["text_fields"] = ["text"]
+    assert load_task(get_task(str(write_task(tmp_path, spec)))).train["text"] == ["fine", "bad"]
+
+
 def test_label_out_of_range(tmp_path):
     write_lines(tmp_path / "data" / "train.tsv", ["sentence\tlabel", "good\t1", "odd\t5"])
     path = write_task(tmp_path, text_task({"loader": "local", "path": "data",
@@ -200,6 +222,44 @@ def test_npz_uint8_channel_last(tmp_path):
     assert all_images.min() >= 0 and all_images.max() == 1.0
     np.testing.assert_allclose(np.sort(all_images.ravel()), np.sort(images.transpose(0, 3, 1, 2).ravel() / 255.0),
                                rtol=0, atol=1e-6)
+
+
+def test_float_images_keep_their_brightness_and_must_be_in_unit_range(tmp_path):
+    """Floats are taken as [0, 1]: a dark set stays dark (it was divided by its own max, so the same
+    pixels gave other inputs as float than as uint8); floats on a 0..255 scale are an error."""
+    rng = np.random.default_rng(0)
+    dark = rng.integers(0, 128, size=(10, 6, 6), dtype=np.uint8)
+    for name, images in (("u8", dark), ("f32", dark.astype(np.float32) / 255)):
+        np.savez(tmp_path / f"{name}.npz", images=images, labels=np.arange(10) % 3)
+    loaded = [load_task(get_task(str(write_task(tmp_path, vision_task(
+        {"loader": "npz", "path": str(tmp_path / f"{name}.npz"), "holdout": {"validation": 0.3}}))))).train.images
+        for name in ("u8", "f32")]
+    np.testing.assert_allclose(loaded[0], loaded[1], atol=1e-6)
+    assert loaded[1].max() < 0.51
+    np.savez(tmp_path / "scaled.npz", images=dark.astype(np.float32), labels=np.arange(10) % 3)
+    path = write_task(tmp_path, vision_task({"loader": "npz", "path": str(tmp_path / "scaled.npz"),
+                                             "holdout": {"validation": 0.3}}))
+    with pytest.raises(TaskError, match="float images have values up to 127.*divide by 255"):
+        load_task(get_task(str(path)))
+
+
+def test_npz_label_names_and_split_files(tmp_path):
+    """npz labels may be names; ``splits`` reads one file per split from the ``path`` folder."""
+    images = np.zeros((6, 6, 6), np.uint8)
+    np.savez(tmp_path / "train.npz", images=images, labels=np.array(["c0", "c1", "c2"] * 2))
+    np.savez(tmp_path / "test.npz", images=images[:3] + 255, labels=np.array([2, 1, 0]))
+    path = write_task(tmp_path, vision_task({"loader": "npz", "path": str(tmp_path),
+                                             "splits": {"train": "train.npz", "test": "test.npz"}}))
+    data = load_task(get_task(str(path)))
+    assert sorted(data.train.labels.tolist()) == [0, 0, 1, 1, 2, 2]
+    assert data.test.labels.tolist() == [2, 1, 0] and data.test.images.min() == 1.0
+    np.savez(tmp_path / "train.npz", images=images, labels=np.array(["c0", "c1", "cat"] * 2))
+    with pytest.raises(TaskError, match="unknown label 'cat'"):
+        load_task(get_task(str(path)))
+    path = write_task(tmp_path, vision_task({"loader": "npz", "path": str(tmp_path),
+                                             "splits": {"train": "train.npz", "test": "missing.npz"}}))
+    with pytest.raises(TaskError, match="data file not found.*missing.npz"):
+        load_task(get_task(str(path)))
 
 
 def test_images_with_negative_values_are_refused(tmp_path):

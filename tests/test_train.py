@@ -62,8 +62,10 @@ def test_resume_after_crash_ends_with_same_weights(tmp_path, monkeypatch):
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_4"]
     monkeypatch.setattr(train, "save_checkpoint", original)
     other = load_recipes(recipe_file, [f"output_dir={tmp_path / 'crashed'}", "train.lr=0.001"])[0]
+    written = (run_dir / "recipe.yaml").read_text()
     with pytest.raises(RecipeError, match="another recipe"):  # a checkpoint of another recipe is not resumed
         execute(other, resume=True, evaluate_after=False)
+    assert (run_dir / "recipe.yaml").read_text() == written  # ... nor does it rewrite the run's recipe
     metrics = execute(crashed, resume=True, evaluate_after=False)
     assert metrics["train"]["steps"] == 12
     # the history of the epoch the crash cut in two is whole again (its sums are in the checkpoint)
@@ -217,7 +219,7 @@ def test_two_processes_report_the_same_metrics(tmp_path):
 
 def test_monitor_measures_in_eval_mode_and_leaves_batchnorm_alone():
     """The per-epoch monitor must score like evaluation: BatchNorm running statistics unchanged,
-    the model's training mode restored."""
+    the model's training mode and the global RNG restored."""
     from torch import nn
 
     from unirobust.models.vision import VisionAdapter
@@ -231,7 +233,9 @@ def test_monitor_measures_in_eval_mode_and_leaves_batchnorm_alone():
     monitor = RobustMonitor(data, adapter.collate, 12, ThreatModel(eps=0.1, steps=2), "cpu")
     adapter.train()
     before = net[1].running_mean.clone(), net[1].num_batches_tracked.clone()
+    rng = torch.get_rng_state()
     out = monitor.check(adapter, epoch=0)
+    assert torch.equal(torch.get_rng_state(), rng)  # training's random stream is not shifted by measuring
     assert adapter.training
     assert torch.equal(net[1].running_mean, before[0]) and torch.equal(net[1].num_batches_tracked, before[1])
     assert {"monitor_pgd_accuracy", "monitor_fgsm_accuracy"} <= set(out)
@@ -314,3 +318,30 @@ def test_real_examples_leave_out_the_last_batch_padding():
     assert [real_examples(acc(r, 2, False, 24), 16) for r in (0, 1)] == [16, 16]  # not the last batch
     assert [real_examples(acc(r, 4, True, 0), 8) for r in range(4)] == [8] * 4  # an even split: no padding
     assert real_examples(acc(0, 1, True, 8), 8) == 8  # one process: the last batch is just short
+
+
+@pytest.mark.parametrize("bad", ["model option", "data"])
+def test_a_run_that_cannot_start_leaves_the_earlier_run_whole(tmp_path, bad):
+    """A bad model option or unreadable data is found before the folder is cleared: the earlier
+    run's weights, metrics and recipe stay."""
+    import numpy as np
+
+    from unirobust.models.base import ModelSpecError
+    from unirobust.recipe import load_recipes
+    from unirobust.runs import execute
+    from unirobust.tasks import TaskError
+
+    recipe_file = write_recipe(tmp_path / "tiny.yaml", output_dir=str(tmp_path))
+    execute(load_recipes(recipe_file, ["train.epochs=0", "eval.check_examples=0"])[0])
+    run_dir = tmp_path / "tiny"
+    before = {name: (run_dir / name).read_bytes() for name in ("model.safetensors", "metrics.json", "recipe.yaml")}
+    if bad == "model option":
+        overrides, error = ["model.options.drop_rat=0.1"], ModelSpecError
+    else:  # a file that exists (validation passes) without the arrays the loader reads
+        np.savez(tmp_path / "x.npz", pictures=np.zeros((4, 8, 8), np.uint8))
+        task = {"name": "mine", "modality": "vision", "labels": list("0123456789"), "image_shape": [1, 8, 8],
+                "threat": {"norm": "linf", "eps": 0.1}, "source": {"loader": "npz", "path": str(tmp_path / "x.npz")}}
+        overrides, error = [f"task={json.dumps(task)}"], TaskError
+    with pytest.raises(error):
+        execute(load_recipes(recipe_file, ["train.epochs=0", *overrides])[0])
+    assert {name: (run_dir / name).read_bytes() for name in before} == before

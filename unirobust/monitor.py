@@ -47,7 +47,11 @@ class RobustMonitor:
             return (adapter.logits(z, self.batch).argmax(-1) == self.batch["labels"]).float().mean().item()
 
     def check(self, adapter, epoch: int) -> dict:
-        with eval_mode(adapter):  # measure like evaluation: no dropout, no BatchNorm statistics updates
+        device = self.batch["labels"].device
+        # measure like evaluation: no dropout, no BatchNorm statistics updates; and on a forked RNG, so
+        # that PGD's random starts do not shift training's random stream (switching the monitor on
+        # must not change the model)
+        with eval_mode(adapter), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             pgd, fgsm = self.accuracy(adapter, self.pgd), self.accuracy(adapter, self.fgsm)
         self.pgd_history.append(pgd)
         self.fgsm_history.append(fgsm)

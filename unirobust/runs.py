@@ -78,7 +78,7 @@ def execute(recipe: Recipe, resume: bool = False, train: bool = True, evaluate_a
     """Train and evaluate one recipe into ``<output_dir>/<name>/``; returns its metrics."""
     from accelerate.utils import set_seed
 
-    from .train import clear_checkpoints, fit, make_accelerator
+    from .train import clear_checkpoints, fit, latest_checkpoint, make_accelerator, resumable_state
 
     run_dir = run_dir_of(recipe)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -86,20 +86,24 @@ def execute(recipe: Recipe, resume: bool = False, train: bool = True, evaluate_a
     set_seed(recipe.seed)
     task = recipe.resolved_task
     main = accelerator.is_main_process
-    if train and not resume:  # an earlier run's results and checkpoints must not pass for this one's
-        if main:
-            for name in RESULTS:
-                (run_dir / name).unlink(missing_ok=True)
-            for other in run_dir.glob("on-*"):  # its evaluations on other tasks (eval --task)
-                shutil.rmtree(other, ignore_errors=True)
-        clear_checkpoints(accelerator, run_dir)  # also when nothing is trained (train.epochs=0)
     with LogToFile(run_dir / ("log.txt" if main else f"log.{accelerator.process_index}.txt")):
-        if main:
-            atomic_write(run_dir / "recipe.yaml", recipe.to_yaml())
         log.info("run %s: task %s, model %s, defense %s, seed %d, %d process(es)", recipe.name, task.name,
                  recipe.model.spec, recipe.defense.name, recipe.seed, accelerator.num_processes)
+        # everything that can refuse the recipe (a checkpoint of another recipe, the data, the model's
+        # options) comes before the folder is touched: a failed start leaves the earlier run whole
+        if train and resume and (ckpt := latest_checkpoint(run_dir)) is not None:
+            resumable_state(recipe, ckpt)
         data = load_task(task, seed=recipe.seed)
         adapter = build_model(recipe.model.spec, task, ensemble=recipe.model.ensemble, **recipe.model.options)
+        if train and not resume:  # an earlier run's results and checkpoints must not pass for this one's
+            if main:
+                for name in RESULTS:
+                    (run_dir / name).unlink(missing_ok=True)
+                for other in run_dir.glob("on-*"):  # its evaluations on other tasks (eval --task)
+                    shutil.rmtree(other, ignore_errors=True)
+            clear_checkpoints(accelerator, run_dir)  # also when nothing is trained (train.epochs=0)
+        if main:
+            atomic_write(run_dir / "recipe.yaml", recipe.to_yaml())
         metrics = {"name": recipe.name, "seed": recipe.seed, "split": recipe.eval.split, "environment": environment()}
         if train and (recipe.train.epochs or recipe.train.max_steps):
             metrics["train"] = fit(recipe, adapter, data.train, accelerator, run_dir, resume=resume,

@@ -131,7 +131,7 @@ class Task(Strict):
         src = self.source
         if src.loader == "package" or (src.loader in ("local", "npz") and src.path):
             root = PACKAGE_DATA / (src.path or "") if src.loader == "package" else self.resolve_path(src.path)
-            paths = [root] if src.loader == "npz" else [root / f for f in src.splits.values()]
+            paths = [root] if src.loader == "npz" and not src.splits else [root / f for f in src.splits.values()]
             for p in paths:
                 if not p.exists():
                     raise TaskError(f"task {self.name!r}: data file not found: {p} "
@@ -281,6 +281,28 @@ def _shuffled_head(ds, n: int | None, seed: int):
     return ds.select(picked)
 
 
+def label_indices(task: Task, values) -> np.ndarray:
+    """Labels as class indices: each a label name of the task, or an index (2, "2", 2.0; not 2.5,
+    which int() would silently cut to 2)."""
+    names = {n: i for i, n in enumerate(task.labels)}
+
+    def to_index(v):
+        if isinstance(v, bytes):
+            v = v.decode()
+        if isinstance(v, str) and v in names:  # a label name, even one that looks like a number
+            return names[v]
+        try:
+            number = float(v)
+            if number == int(number):
+                return int(number)
+        except (TypeError, ValueError, OverflowError):
+            pass
+        raise TaskError(f"task {task.name!r}: unknown label {v!r}; labels are the names {task.labels} or "
+                        f"their indices 0..{task.num_classes - 1}")
+
+    return np.asarray([to_index(v) for v in values], dtype=np.int64)
+
+
 def _normalise_labels(task: Task, ds):
     """Rename the label column to ``label`` and map label names to indices."""
     if isinstance(ds, ArrayDataset):
@@ -288,28 +310,22 @@ def _normalise_labels(task: Task, ds):
         if len(bad):
             raise TaskError(f"task {task.name!r}: label {bad[0]} outside 0..{task.num_classes - 1}")
         return ds
+    if task.label_field not in ds.column_names:
+        raise TaskError(f"task {task.name!r}: label field {task.label_field!r} not in data columns {ds.column_names}; "
+                        f"name the label column with the task's label_field")
     if task.label_field != "label":
         ds = ds.rename_column(task.label_field, "label")
     missing = [f for f in task.text_fields if f not in ds.column_names]
     if missing:
         raise TaskError(f"task {task.name!r}: text field(s) {missing} not in data columns {ds.column_names}")
-    names = {n: i for i, n in enumerate(task.labels)}
-
-    def to_index(v):
-        if isinstance(v, str) and v in names:  # a label name, even one that looks like a number
-            return names[v]
-        try:
-            return int(v)
-        except (TypeError, ValueError):
-            raise TaskError(f"task {task.name!r}: unknown label {v!r}; labels: {task.labels}") from None
-
-    ys = np.asarray([to_index(v) for v in ds["label"]], dtype=np.int64)
+    ys = label_indices(task, ds["label"])
     ds = ds.remove_columns("label").add_column("label", ys.tolist())
     if "idx" not in ds.column_names:  # each example's row in its source split, kept through holdout and
         ds = ds.add_column("idx", list(range(len(ds))))  # sampling (AdvGLUE items made by advgen carry it)
     if len(ys) and (ys.min() < 0 or ys.max() >= task.num_classes):
-        raise TaskError(f"task {task.name!r}: labels outside 0..{task.num_classes - 1} "
-                        f"(an unlabelled split such as GLUE test? map test to validation)")
+        bad = int(ys[(ys < 0) | (ys >= task.num_classes)][0])
+        raise TaskError(f"task {task.name!r}: label {bad} outside 0..{task.num_classes - 1} (labels are 0-based "
+                        f"indices into {task.labels}; an unlabelled split such as GLUE test? map test to validation)")
     return ds
 
 
@@ -349,7 +365,7 @@ def _read_table(path: Path, columns: list[str] | None):
     if suffix in (".json", ".jsonl"):
         return datasets.Dataset.from_json(str(path))
     delimiter = "\t" if suffix == ".tsv" else ","
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark is not text
         rows = list(csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL))
     header, body = (columns, rows) if columns else (rows[0], rows[1:])
     body = [r for r in body if r]
@@ -394,8 +410,10 @@ def _images(task: Task, images: np.ndarray) -> np.ndarray:
         raise TaskError(f"task {task.name!r}: images have negative values (min {float(x.min()):.3g}); give raw "
                         f"pixels (uint8, or floats in [0, 1]): attacks work in [0, 1] and the task's mean / std "
                         f"normalise inside the model")
-    scale = 255.0 if x.dtype == np.uint8 else max(float(x.max()), 1.0)
-    x = x.astype(np.float32) / scale
+    if x.dtype != np.uint8 and x.size and float(x.max()) > 1 + 1e-6:  # dividing by the max would brighten dark sets
+        raise TaskError(f"task {task.name!r}: float images have values up to {float(x.max()):.4g}; give uint8 "
+                        f"pixels (0..255) or floats in [0, 1] (divide by 255)")
+    x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else np.clip(x.astype(np.float32), 0.0, 1.0)
     c, h, w = task.image_shape
     if x.ndim == 3:
         x = x[:, None]
@@ -407,12 +425,21 @@ def _images(task: Task, images: np.ndarray) -> np.ndarray:
 
 
 def load_npz(task: Task) -> dict:
-    data = np.load(task.resolve_path(task.source.path), allow_pickle=False)
-    keys = task.source.columns or ["images", "labels"]
-    missing = [k for k in keys if k not in data]
-    if missing:
-        raise TaskError(f"task {task.name!r}: arrays {missing} not in {task.source.path} (has {list(data)})")
-    return {"train": ArrayDataset(_images(task, data[keys[0]]), data[keys[1]])}
+    """``path``: one .npz file (the train split; hold the others out with ``holdout``), or with
+    ``splits`` a folder and split -> file. Arrays ``images`` and ``labels`` (or the two ``columns``
+    named); labels are class indices or label names."""
+    src = task.source
+    files = ({split: task.resolve_path(src.path or ".") / f for split, f in src.splits.items()} if src.splits
+             else {"train": task.resolve_path(src.path)})
+    keys = src.columns or ["images", "labels"]
+    out = {}
+    for split, file in files.items():
+        data = np.load(file, allow_pickle=False)
+        missing = [k for k in keys if k not in data]
+        if missing:
+            raise TaskError(f"task {task.name!r}: arrays {missing} not in {file} (has {list(data)})")
+        out[split] = ArrayDataset(_images(task, data[keys[0]]), label_indices(task, data[keys[1]].tolist()))
+    return out
 
 
 def load_sklearn(task: Task) -> dict:

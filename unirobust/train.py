@@ -135,6 +135,16 @@ def recipe_hash(recipe: Recipe) -> str:
     return hashlib.sha256(json.dumps(dump, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def resumable_state(recipe: Recipe, ckpt: Path) -> dict:
+    """The checkpoint's trainer state; RecipeError when a run with another recipe wrote it."""
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    if state.get("recipe_hash") != recipe_hash(recipe):
+        raise RecipeError(f"--resume: {ckpt} was written by a run with another recipe (training, task, model "
+                          f"or defense differ); resume with the recipe it was trained with, or run without "
+                          f"--resume to start over")
+    return state
+
+
 def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict | None = None, keep: int = 2) -> None:
     """``accelerator.save_state`` plus ``trainer_state.json`` (``{"step": step, **state}``) into a temp
     folder, then rename (a crash never leaves half a checkpoint); keeps the ``keep`` newest."""
@@ -242,11 +252,9 @@ def fit(recipe: Recipe, adapter, train_set, accelerator, run_dir: Path, resume: 
     elif (ckpt := latest_checkpoint(run_dir)) is None:
         log.warning("--resume: %s has no checkpoint; training from the start", run_dir / "checkpoints")
     else:
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        if state.get("recipe_hash") != fingerprint or state["step"] > total:
-            raise RecipeError(f"--resume: {ckpt} was written by a run with another recipe (training, task, model "
-                              f"or defense differ); resume with the recipe it was trained with, or run without "
-                              f"--resume to start over")
+        state = resumable_state(recipe, ckpt)
+        if state["step"] > total:
+            raise RecipeError(f"--resume: {ckpt} is at step {state['step']}, past this recipe's {total} steps")
         accelerator.load_state(str(ckpt))
         step, history, elapsed = state["step"], state.get("history", []), state.get("seconds", 0.0)
         carried = state.get("epoch_sums")

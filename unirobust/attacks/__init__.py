@@ -35,7 +35,10 @@ def attack_parameters(attack) -> dict[str, Any]:
     measured with (a recipe names only what it changes)."""
     if not dataclasses.is_dataclass(attack):
         return {"type": type(attack).__name__}
-    return {f.name: getattr(attack, f.name) for f in dataclasses.fields(attack)}
+    params = {f.name: getattr(attack, f.name) for f in dataclasses.fields(attack)}
+    if params.get("alpha", 0) is None and isinstance(getattr(type(attack), "step_size", None), property):
+        params["alpha"] = attack.step_size  # the default step size, as used
+    return params
 
 
 def split_word_attacks(attacks: dict) -> tuple[dict, dict]:

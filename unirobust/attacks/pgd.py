@@ -154,8 +154,11 @@ class FGSM:
     targeted: bool = False
     relative: bool = False
 
+    @property
+    def step_size(self) -> float:
+        return self.alpha if self.alpha is not None else self.eps
+
     def __call__(self, model, batch: dict) -> Tensor:
-        alpha = self.alpha if self.alpha is not None else (self.eps or None)  # eps = 0: PGD returns z0
-        pgd = PGD(eps=self.eps, norm=self.norm, alpha=alpha, steps=1,
+        pgd = PGD(eps=self.eps, norm=self.norm, alpha=self.step_size or None, steps=1,  # eps = 0: PGD returns z0
                   random_start=self.random_start, targeted=self.targeted, relative=self.relative)
         return pgd(model, batch)
