@@ -229,17 +229,19 @@ def test_float_images_keep_their_brightness_and_must_be_in_unit_range(tmp_path):
     pixels gave other inputs as float than as uint8); floats on a 0..255 scale are an error."""
     rng = np.random.default_rng(0)
     dark = rng.integers(0, 128, size=(10, 6, 6), dtype=np.uint8)
-    for name, images in (("u8", dark), ("f32", dark.astype(np.float32) / 255)):
+    kinds = {"u8": dark, "i64": dark.astype(np.int64), "f32": dark.astype(np.float32) / 255}
+    for name, images in kinds.items():  # int64 is what np.array(list of lists) gives: pixels too
         np.savez(tmp_path / f"{name}.npz", images=images, labels=np.arange(10) % 3)
     loaded = [load_task(get_task(str(write_task(tmp_path, vision_task(
         {"loader": "npz", "path": str(tmp_path / f"{name}.npz"), "holdout": {"validation": 0.3}}))))).train.images
-        for name in ("u8", "f32")]
-    np.testing.assert_allclose(loaded[0], loaded[1], atol=1e-6)
-    assert loaded[1].max() < 0.51
+        for name in kinds]
+    for other in loaded[1:]:
+        np.testing.assert_allclose(other, loaded[0], atol=1e-6)
+    assert loaded[0].max() < 0.51
     np.savez(tmp_path / "scaled.npz", images=dark.astype(np.float32), labels=np.arange(10) % 3)
     path = write_task(tmp_path, vision_task({"loader": "npz", "path": str(tmp_path / "scaled.npz"),
                                              "holdout": {"validation": 0.3}}))
-    with pytest.raises(TaskError, match="float images have values up to 127.*divide by 255"):
+    with pytest.raises(TaskError, match="float32 images have values up to 127.*floats in .0, 1."):
         load_task(get_task(str(path)))
 
 

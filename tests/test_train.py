@@ -282,17 +282,24 @@ def test_study_summary_tables_and_plots_every_variant(tmp_path):
     names each run's task, and links the bar chart it wrote."""
     from unirobust.cli import main
 
+    import numpy as np
+
+    rng = np.random.default_rng(0)  # a second task: 20 random 1 x 8 x 8 images of 4 classes
+    np.savez(tmp_path / "noise.npz", images=rng.integers(0, 256, (20, 8, 8), dtype=np.uint8), labels=np.arange(20) % 4)
+    (tmp_path / "noise.yaml").write_text(yaml.safe_dump({
+        "name": "noise", "modality": "vision", "labels": list("abcd"), "image_shape": [1, 8, 8],
+        "threat": {"eps": 0.1}, "source": {"loader": "npz", "path": str(tmp_path / "noise.npz"),
+                                           "holdout": {"test": 0.5}}}))
     raw = json.loads(json.dumps(TINY))
     raw.update(output_dir=str(tmp_path), train={"epochs": 0},
                eval={"batch_size": 32, "check_examples": 0, "attacks": [{"name": "fgsm"}]},
                variants=[{"name": "digits"},
-                         {"name": "animals", "task": {"name": "animal-mnist", "max_train": 20, "max_eval": 20},
-                          "model": {"spec": "timm:test_resnet"}}])
+                         {"name": "noise", "task": {"name": str(tmp_path / "noise.yaml")}}])
     recipe = tmp_path / "study.yaml"
     recipe.write_text(yaml.safe_dump(raw))
     assert main(["run", str(recipe)]) == 0
     summary = (tmp_path / "tiny" / "summary.md").read_text()
-    for variant, task in (("digits", "digits"), ("animals", "animal-mnist")):
+    for variant, task in (("digits", "digits"), ("noise", str(tmp_path / "noise.yaml"))):
         ev = json.loads((tmp_path / "tiny" / variant / "metrics.json").read_text())["eval"]
         row = next(line for line in summary.splitlines() if line.startswith(f"| tiny/{variant} | "))
         assert row.startswith(f"| tiny/{variant} | {task} | {ev['n']} | {100 * ev['clean_accuracy']:.1f} | "
@@ -345,3 +352,15 @@ def test_a_run_that_cannot_start_leaves_the_earlier_run_whole(tmp_path, bad):
     with pytest.raises(error):
         execute(load_recipes(recipe_file, ["train.epochs=0", *overrides])[0])
     assert {name: (run_dir / name).read_bytes() for name in before} == before
+
+
+def test_batch_that_does_not_split_over_the_processes_is_a_recipe_error():
+    from types import SimpleNamespace
+
+    from unirobust.recipe import validate
+    from unirobust.train import check_batch_split
+
+    recipe = validate(dict(TINY, train={"batch_size": 33}))
+    check_batch_split(recipe, SimpleNamespace(num_processes=1))
+    with pytest.raises(RecipeError, match="batch_size 33 must be divisible by 2 processes"):
+        check_batch_split(recipe, SimpleNamespace(num_processes=2))

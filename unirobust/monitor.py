@@ -51,7 +51,9 @@ class RobustMonitor:
         # measure like evaluation: no dropout, no BatchNorm statistics updates; and on a forked RNG, so
         # that PGD's random starts do not shift training's random stream (switching the monitor on
         # must not change the model)
-        with eval_mode(adapter), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        on_device = device.type != "cpu"  # the CPU generator is always forked; a GPU's (cuda, mps, xpu) when used
+        with eval_mode(adapter), torch.random.fork_rng(devices=[device] if on_device else [],
+                                                        device_type=device.type if on_device else "cuda"):
             pgd, fgsm = self.accuracy(adapter, self.pgd), self.accuracy(adapter, self.fgsm)
         self.pgd_history.append(pgd)
         self.fgsm_history.append(fgsm)

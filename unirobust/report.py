@@ -210,7 +210,8 @@ def write_summary(root: Path, results: dict[str, dict], tasks: dict[str, str]) -
     """``root/summary.md`` for the variants of one recipe (a study): the metrics table, each run's
     task, and a clean-vs-robust bar chart of all runs (``summary.png``). Returns the summary path."""
     lines = [f"# {root.name}", "", metrics_table(results, tasks)]
-    bars = {f"{name.split('/', 1)[-1]} ({tasks[name]})": ev for name, ev in results.items()}
+    short = {name: Path(task).stem if task.endswith((".yaml", ".yml")) else task for name, task in tasks.items()}
+    bars = {f"{name.split('/', 1)[-1]} ({short[name]})": ev for name, ev in results.items()}  # a task file: its stem
     if plot_clean_robust(root / "summary.png", f"{root.name}: clean vs robust accuracy", bars):
         lines += ["", "![clean and robust accuracy of every run](summary.png)"]
     atomic_write(root / "summary.md", "\n".join(lines) + "\n")

@@ -78,7 +78,7 @@ def execute(recipe: Recipe, resume: bool = False, train: bool = True, evaluate_a
     """Train and evaluate one recipe into ``<output_dir>/<name>/``; returns its metrics."""
     from accelerate.utils import set_seed
 
-    from .train import clear_checkpoints, fit, latest_checkpoint, make_accelerator, resumable_state
+    from .train import check_batch_split, clear_checkpoints, fit, latest_checkpoint, make_accelerator, resumable_state
 
     run_dir = run_dir_of(recipe)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -91,6 +91,8 @@ def execute(recipe: Recipe, resume: bool = False, train: bool = True, evaluate_a
                  recipe.model.spec, recipe.defense.name, recipe.seed, accelerator.num_processes)
         # everything that can refuse the recipe (a checkpoint of another recipe, the data, the model's
         # options) comes before the folder is touched: a failed start leaves the earlier run whole
+        if train:
+            check_batch_split(recipe, accelerator)
         if train and resume and (ckpt := latest_checkpoint(run_dir)) is not None:
             resumable_state(recipe, ckpt)
         data = load_task(task, seed=recipe.seed)

@@ -410,10 +410,12 @@ def _images(task: Task, images: np.ndarray) -> np.ndarray:
         raise TaskError(f"task {task.name!r}: images have negative values (min {float(x.min()):.3g}); give raw "
                         f"pixels (uint8, or floats in [0, 1]): attacks work in [0, 1] and the task's mean / std "
                         f"normalise inside the model")
-    if x.dtype != np.uint8 and x.size and float(x.max()) > 1 + 1e-6:  # dividing by the max would brighten dark sets
-        raise TaskError(f"task {task.name!r}: float images have values up to {float(x.max()):.4g}; give uint8 "
-                        f"pixels (0..255) or floats in [0, 1] (divide by 255)")
-    x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else np.clip(x.astype(np.float32), 0.0, 1.0)
+    pixels = np.issubdtype(x.dtype, np.integer)  # 0..255, whatever the integer type (np.array of lists: int64)
+    top = float(x.max()) if x.size else 0.0
+    if top > (255 if pixels else 1 + 1e-6):  # no dividing by the max: that would brighten a dark set
+        raise TaskError(f"task {task.name!r}: {x.dtype} images have values up to {top:.4g}; give integer pixels "
+                        f"in 0..255 or floats in [0, 1]")
+    x = x.astype(np.float32) / 255.0 if pixels else np.clip(x.astype(np.float32), 0.0, 1.0)
     c, h, w = task.image_shape
     if x.ndim == 3:
         x = x[:, None]

@@ -135,6 +135,13 @@ def recipe_hash(recipe: Recipe) -> str:
     return hashlib.sha256(json.dumps(dump, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def check_batch_split(recipe: Recipe, accelerator) -> None:
+    """``train.batch_size`` is the global batch, split evenly over the processes."""
+    if recipe.train.batch_size % accelerator.num_processes:
+        raise RecipeError(f"train.batch_size {recipe.train.batch_size} must be divisible by "
+                          f"{accelerator.num_processes} processes (it is the global batch, split over them)")
+
+
 def resumable_state(recipe: Recipe, ckpt: Path) -> dict:
     """The checkpoint's trainer state; RecipeError when a run with another recipe wrote it."""
     state = json.loads((ckpt / "trainer_state.json").read_text())
@@ -230,8 +237,7 @@ def fit(recipe: Recipe, adapter, train_set, accelerator, run_dir: Path, resume: 
     task = recipe.resolved_task
     defense = build_defense(recipe.defense.model_dump(exclude_none=True), task.threat)
     replays = int(getattr(defense, "replays", 1))
-    if cfg.batch_size % accelerator.num_processes:
-        raise ValueError(f"train.batch_size {cfg.batch_size} must be divisible by {accelerator.num_processes} processes")
+    check_batch_split(recipe, accelerator)  # execute checks it before the run folder is touched, too
     sampler = EpochPermutation(len(train_set), recipe.seed)
     loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, collate_fn=adapter.collate,
                         generator=torch.Generator().manual_seed(recipe.seed))
