@@ -377,3 +377,15 @@ def test_options_the_task_sets_are_a_model_spec_error(digits_task):
     for option in ("in_chans", "num_classes"):
         with pytest.raises(ModelSpecError, match=f"{option} come from the task"):
             build_model("timm:test_resnet", digits_task, **{option: 1})
+
+
+def test_model_of_the_other_modality_is_a_model_spec_error(digits_task, tmp_path):
+    """A text model on a vision task (or the reverse) was a traceback from deep inside collate or
+    the timm builder; a path given as a timm architecture names the way to load weights."""
+    from unirobust.models import build_model
+    from unirobust.models.base import ModelSpecError
+
+    with pytest.raises(ModelSpecError, match="is a text model and task 'digits' is a vision task; use a timm:"):
+        build_model("hf:sentence-transformers/all-MiniLM-L6-v2", digits_task)
+    with pytest.raises(ModelSpecError, match="checkpoint_path"):
+        build_model(f"timm:{tmp_path}", digits_task)

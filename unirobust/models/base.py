@@ -126,6 +126,10 @@ def build_model(spec: str, task, ensemble: Any = None, **options) -> nn.Module:
         else:
             raise ModelSpecError(f"model spec {spec!r} needs a source prefix; valid: "
                                  + ", ".join(f"{s}:<name>" for s in MODELS.names()))
+    modality = {"timm": "vision", "hf": "text"}.get(source)
+    if modality and getattr(task, "modality", modality) != modality:
+        raise ModelSpecError(f"model {spec!r} is a {modality} model and task {task.name!r} is a {task.modality} "
+                             f"task; use a {'timm:' if task.modality == 'vision' else 'hf:'} model for it")
     try:
         return MODELS.build(source, name, task, **options)
     except TypeError as err:  # a misspelt or foreign model.options key reaches a constructor

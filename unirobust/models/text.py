@@ -193,7 +193,9 @@ def _align_label_order(model, own: list[str], wanted: list[str]) -> None:
     key = [n.lower() for n in own]
     if sorted(key) != sorted(n.lower() for n in wanted):
         log.warning("the checkpoint's labels %s are not the task's %s: its outputs keep their order "
-                    "(output i is read as the task's label i)", own, wanted)
+                    "(output i is read as the task's label i). If they name the same classes in another "
+                    "order, give the task the checkpoint's names in the task's order (task.labels=[...]) "
+                    "so that the outputs are reordered", own, wanted)
         return
     order = [key.index(n.lower()) for n in wanted]
     if order == list(range(len(order))):

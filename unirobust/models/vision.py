@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from typing import Sequence
 
 import numpy as np
@@ -117,7 +119,10 @@ def build_timm(arch: str, task, pretrained: bool = False, head: str = "classifie
     if arch not in timm.list_models(pretrained=False) and not timm.is_model(arch):
         from ..models.base import ModelSpecError
 
-        raise ModelSpecError(f"timm has no model {arch!r}; see timm.list_models('*{arch[:4]}*')")
+        hint = (f"see timm.list_models('*{arch[:4]}*')" if "/" not in arch and not Path(arch).expanduser().exists()
+                else "a timm model is named by its architecture; load your own weights with "
+                     "timm:<arch> model.options.checkpoint_path=<file .pth / .safetensors>")
+        raise ModelSpecError(f"timm has no model {arch!r}; {hint}")
     from .text import _head_builder
 
     return _head_builder(VISION_HEADS, head)(arch, task, pretrained=pretrained, **kwargs)
