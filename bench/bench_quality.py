@@ -96,7 +96,8 @@ def retime(args, command: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", choices=sorted(SUITES), default="vision")
-    p.add_argument("--defenses", nargs="*", help="subset of the suite's defenses")
+    p.add_argument("--defenses", nargs="*", help="subset of the suite's defenses (as `unirobust list defenses` "
+                                                 "names them, e.g. pgd-at fgsm-at; default: all of the suite's)")
     p.add_argument("--max-train", type=int, default=3000)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--eval", type=int, default=500, help="evaluation examples")
@@ -110,6 +111,11 @@ def main() -> None:
     p.add_argument("--word-attacks", nargs="*", default=[], metavar="NAME[:k=v,...]",
                    help="text suite: word attacks evaluated for every defense (replacing the recipe's own)")
     args = p.parse_args()
+    known = SUITES[args.suite][1]
+    args.defenses = [d.replace("-", "_") for d in args.defenses or []]  # pgd-at (the defense's name) = pgd_at
+    unknown = [d for d in args.defenses if d not in known]
+    if unknown:
+        p.error(f"unknown defense(s) {unknown} for suite {args.suite}; valid: {', '.join(known)}")
 
     from unirobust.recipe import load_recipes
     from unirobust.report import metrics_table
@@ -151,6 +157,10 @@ def main() -> None:
         if all(old.get(k, v) == v for k, v in config.items()):  # a key the old file lacks is not a mismatch
             rows = {**{d: r for d, r in old.get("rows", {}).items() if d not in rows}, **rows}
             config["notes"] = old.get("notes", [])
+        else:  # other settings: these rows are not comparable with the old ones; keep those aside
+            kept = previous.with_name(previous.stem + ".previous.json")
+            previous.replace(kept)
+            print(f"other settings than {previous.name}'s: its rows moved to {kept.name}", flush=True)
     commands = list(dict.fromkeys(r.get("command", "(not recorded)") for r in rows.values()))
     path = write_result(f"quality_{args.suite}", {**config, "commands": commands, "rows": rows})
     print("\n" + metrics_table(table_rows))

@@ -259,3 +259,27 @@ def test_other_ranks_keep_progress_lines_out_of_the_console(tmp_path):
         assert "a warning" in done.stderr
         assert ("epoch 0: loss 0.5" in done.stderr) is console_has_progress, (rank, done.stderr)
         assert "epoch 0: loss 0.5" in (tmp_path / "log.1.txt").read_text()
+
+
+def test_missing_run_folder_is_named(tmp_path, capsys):
+    """A run folder that does not exist was reported as a bad model spec."""
+    assert main(["eval", str(tmp_path / "runs" / "nosuch"), "--task", "digits"]) == 2
+    assert "run folder not found" in capsys.readouterr().err
+
+
+def test_run_prints_its_word_attack_table(tmp_path, capsys, monkeypatch):
+    """A single run's console table shows the word attacks too (a study's has them as columns)."""
+    import yaml
+
+    import unirobust.runs
+
+    ev = {"n": 8, "clean_accuracy": 0.75, "robust_accuracy": 0.5, "cascade": [],
+          "word_attacks": {"pwws(n=4)": {"n": 4, "clean_accuracy": 0.75, "accuracy_under_attack": 0.25,
+                                         "attack_success_rate": 2 / 3, "mean_perturbed_fraction": 0.1,
+                                         "mean_queries": 12.0, "seconds_per_example": 0.5}}}
+    monkeypatch.setattr(unirobust.runs, "execute", lambda recipe, **kw: {"eval": ev})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "r", "task": {"name": "digits"}, "model": {"spec": "timm:test_resnet"}}))
+    assert main(["run", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "| pwws(n=4) | 4 | 75.0 | 25.0 | 66.7 |" in out

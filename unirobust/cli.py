@@ -19,9 +19,9 @@ EXAMPLES = """examples:
   unirobust eval runs/digits_pgd_at --attack pgd:eps=0.1,steps=20 --attack fgsm
   unirobust eval timm:resnet18 --task digits --attack pgd
   unirobust eval runs/sst2_minilm_mvp --advglue path/to/advglue/dev.json
-  unirobust attack runs/sst2_minilm --attack textfooler --n 200
-  unirobust attack runs/sst2_minilm --textattack-recipe deepwordbug --n 100
-  unirobust advgen runs/sst2_minilm --attack textfooler --n 500 --out my_advglue.json
+  unirobust attack runs/sst2_minilm_embedding_at --attack textfooler --n 200
+  unirobust attack runs/sst2_minilm_embedding_at --textattack-recipe deepwordbug --n 100
+  unirobust advgen runs/sst2_minilm_embedding_at --attack textfooler --n 500 --out my_advglue.json
   unirobust list tasks
   unirobust launch --multi_gpu --num_processes 2 -- run recipes/digits_pgd_at.yaml
 """
@@ -48,7 +48,7 @@ def parse_attack(text: str) -> dict:
 
 def cmd_run(args, evaluate_after: bool = True) -> int:
     from .recipe import load_recipes
-    from .report import metrics_table, write_summary
+    from .report import metrics_table, word_attack_table, write_summary
     from .runs import execute
 
     recipes = load_recipes(args.recipe, args.overrides)
@@ -62,6 +62,8 @@ def cmd_run(args, evaluate_after: bool = True) -> int:
     if results and PartialState().is_main_process:
         tasks = {r.name: r.task.name for r in recipes} if len(recipes) > 1 else None
         print("\n" + metrics_table(results, tasks))
+        if not tasks and next(iter(results.values())).get("word_attacks"):  # a study's table has them as columns
+            print("\n" + word_attack_table(next(iter(results.values()))["word_attacks"]))
         if tasks:
             root = Path(recipes[0].output_dir) / recipes[0].name.split("/")[0]
             print(f"\nsummary: {write_summary(root, results, tasks)}")
@@ -86,6 +88,9 @@ def load_target(args):
     target = Path(args.target)
     if (target / "recipe.yaml").exists():  # --task on a run folder: its model on another task
         return load_run(target, ([f"task.name={args.task}"] if args.task else []) + list(args.overrides))
+    if ":" not in args.target and not target.is_dir():  # neither a model spec nor a model folder
+        raise RecipeError(f"run folder not found: {args.target} (a run folder holds recipe.yaml; a model is "
+                          f"hf:<name or folder> or timm:<arch> with --task)")
     if not args.task:
         raise RecipeError(f"{args.target!r} is not a run folder; to evaluate a model spec, give --task")
     from .models.base import build_from_config
