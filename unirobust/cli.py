@@ -332,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", choices=["validation", "test"])
     e.add_argument("--max-examples", type=positive_int)
     e.add_argument("--batch-size", type=positive_int)
-    e.add_argument("--output", help="write metrics JSON here (default: <run>/eval.json; a model spec writes nothing without it)")
+    e.add_argument("--output", help="write metrics JSON here (default: <run>/eval.json; a model spec writes "
+                                    "nothing without it)")
     e.add_argument("--advglue", metavar="HUB_ID|FILE",
                    help="also score AdvGLUE: hub id (adv_glue) or a release-format dev.json; "
                         "the AdvGLUE task(s) whose GLUE fields match the run's task")

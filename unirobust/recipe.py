@@ -106,8 +106,8 @@ class DefenseConfig(BaseModel):
 
 class TrainConfig(Strict):
     epochs: int = Field(default=1, ge=0)
-    max_steps: int | None = Field(default=None, ge=1, description="train for exactly this many optimizer steps, in place of epochs "
-                                     "(epochs continue past train.epochs if needed)")
+    max_steps: int | None = Field(default=None, ge=1, description="train for exactly this many optimizer steps, "
+                                  "in place of epochs (epochs continue past train.epochs if needed)")
     batch_size: int = Field(default=32, ge=1, description="global batch size (split across processes)")
     lr: float = Field(default=1e-3, gt=0)
     optimizer: Literal["adamw", "sgd"] = "adamw"

@@ -203,7 +203,8 @@ def real_examples(accelerator, n: int) -> int:
     batch is filled up to the full batch with examples from the epoch's start (accelerate's
     ``even_batches``, so that every rank takes the same steps); the real ones come first in the
     global batch, and rank ``r`` holds its ``r``-th slice. They train like the rest (as a padded
-    ``DistributedSampler`` does), but loss, accuracy and counts leave them out."""
+    ``DistributedSampler`` does), but accuracy and counts leave them out (and the loss weighs the
+    batch's mean by the real ones only)."""
     state = accelerator.gradient_state
     if accelerator.num_processes == 1 or not state.end_of_dataloader or state.remainder <= 0:
         return n
