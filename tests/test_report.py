@@ -34,3 +34,48 @@ def test_study_table_has_a_column_per_word_attack():
     assert lines[0].split("|")[-2].strip() == "pwws(n=8) %"
     assert lines[2].split("|")[-2].strip() == "12.5" and lines[3].split("|")[-2].strip() == "—"
     assert "pwws" not in metrics_table({"s/text": text})  # a single run's report has its own word table
+
+
+def row_of(table: str, line: int) -> dict:
+    rows = [[c.strip() for c in r.strip().strip("|").split("|")] for r in table.strip().splitlines()]
+    return dict(zip(rows[0], rows[line]))
+
+
+def test_no_robust_figure_without_a_continuous_attack(tmp_path):
+    """Without a continuous attack robust_accuracy equals clean accuracy: the tables show "—" and the
+    plot no robust bar, not a robustness nobody measured (word attacks have their own table)."""
+    from unirobust.report import metrics_table
+
+    per_class = {"a": {"n": 2, "clean_accuracy": 1.0, "robust_accuracy": 1.0},
+                 "b": {"n": 2, "clean_accuracy": 0.5, "robust_accuracy": 0.5}}
+    plain = {"n": 4, "seconds": 1.0, "clean_accuracy": 0.75, "robust_accuracy": 0.75, "worst_class_robust_accuracy": 0.5,
+             "cascade": [], "per_class": per_class}
+    attacked = {**plain, "robust_accuracy": 0.25, "worst_class_robust_accuracy": 0.0,
+                "cascade": [{"attack": "pgd", "robust_accuracy": 0.25}]}
+    table = metrics_table({"plain": plain, "attacked": attacked})
+    assert row_of(table, 2)["robust %"] == "—" and row_of(table, 2)["worst class robust %"] == "—"
+    assert row_of(table, 2)["clean %"] == "75.0"
+    assert row_of(table, 3)["robust %"] == "25.0" and row_of(table, 3)["worst class robust %"] == "0.0"
+    write_report(tmp_path, "plain", {"eval": plain})
+    per_class_table = (tmp_path / "report.md").read_text().split("## Per class")[1].split("\n\n")[1]
+    assert row_of(per_class_table, 2)["robust %"] == "—" and row_of(per_class_table, 2)["clean %"] == "100.0"
+
+
+def test_plot_draws_no_robust_bar_where_no_attack_ran(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from unirobust.report import plot_clean_robust
+
+    heights = []
+    real_bar = matplotlib.axes.Axes.bar
+
+    def bar(self, x, height, *args, **kwargs):
+        heights.append(list(height))
+        return real_bar(self, x, height, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", bar)
+    bars = {"plain": {"clean_accuracy": 0.9, "robust_accuracy": 0.9, "cascade": []},
+            "pgd-at": {"clean_accuracy": 0.8, "robust_accuracy": 0.4, "cascade": [{"attack": "pgd"}]}}
+    assert plot_clean_robust(tmp_path / "s.png", "s", bars) and (tmp_path / "s.png").exists()
+    clean, robust = heights
+    assert clean == [0.9, 0.8] and robust[1] == 0.4 and robust[0] != robust[0]  # NaN: no bar

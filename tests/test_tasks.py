@@ -264,6 +264,68 @@ def test_npz_label_names_and_split_files(tmp_path):
         load_task(get_task(str(path)))
 
 
+def save_image(path: Path, pixels: np.ndarray) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def test_image_folder_reads_class_folders_per_split(tmp_path):
+    """``imagefolder``: split -> folder of class folders (label names or indices); pixels keep their
+    values (PNG is lossless), grey becomes RGB for a 3-channel task, other sizes are resized."""
+    rng = np.random.default_rng(0)
+    rgb = {f"train/c{k}/{i}.png": rng.integers(0, 256, (6, 6, 3), dtype=np.uint8) for k in range(3) for i in range(2)}
+    for name, pixels in rgb.items():
+        save_image(tmp_path / "photos" / name, pixels)
+    save_image(tmp_path / "photos/test/2/big.png", np.full((12, 18), 200, np.uint8))  # grey, 12 x 18, by index
+    (tmp_path / "photos/train/c0/notes.txt").write_text("not an image")
+    path = write_task(tmp_path, vision_task({"loader": "imagefolder", "path": "photos",
+                                             "splits": {"train": "train", "test": "test"}}, image_shape=(3, 6, 6)))
+    data = load_task(get_task(str(path)))
+    assert len(data.train) == 6 and sorted(data.train.labels.tolist()) == [0, 0, 1, 1, 2, 2]
+    for i in range(len(data.train)):
+        item = data.train[i]
+        expected = rgb[str(data.train.files[i].relative_to(tmp_path / "photos"))]
+        assert item["image"].shape == (3, 6, 6) and item["image"].dtype == np.float32
+        np.testing.assert_allclose(item["image"], expected.transpose(2, 0, 1) / 255.0, atol=1e-6)
+        assert item["label"] == int(data.train.files[i].parent.name[1:])
+    assert data.test.labels.tolist() == [2]
+    np.testing.assert_allclose(data.test[0]["image"], 200 / 255.0, atol=1e-6)  # resized, grey on 3 channels
+    assert data.validation is data.test
+
+
+def test_image_folder_holdout_and_errors(tmp_path):
+    """One folder without splits is train (holdout gives the others); a folder that is no class, a
+    folder of splits given as classes, a file that is no image, and 4 channels are task errors."""
+    for k in range(2):
+        for i in range(10):
+            save_image(tmp_path / f"imgs/c{k}/{i}.png", np.full((6, 6), 10 * i + k, np.uint8))
+    source = {"loader": "imagefolder", "path": str(tmp_path / "imgs"), "holdout": {"validation": 0.2}}
+    data = load_task(get_task(str(write_task(tmp_path, vision_task(source, classes=2)))))
+    assert len(data.train) == 16 and sorted(data.validation.labels.tolist()) == [0, 0, 1, 1]
+    held = {f.name + f.parent.name for f in data.validation.files}
+    assert held.isdisjoint(f.name + f.parent.name for f in data.train.files)
+    assert data.validation[0]["image"].shape == (1, 6, 6)
+    with pytest.raises(TaskError, match="image_shape says 4 channels"):
+        load_task(get_task(str(write_task(tmp_path, vision_task(source, image_shape=(4, 6, 6), classes=2)))))
+    save_image(tmp_path / "imgs/cat/0.png", np.zeros((6, 6), np.uint8))
+    with pytest.raises(TaskError, match="folder .*cat is not a class.*c0"):
+        load_task(get_task(str(write_task(tmp_path, vision_task(source, classes=2)))))
+    save_image(tmp_path / "split/train/c0/0.png", np.zeros((6, 6), np.uint8))
+    with pytest.raises(TaskError, match=r"a folder of splits\? .*splits=\{train: train, test: train\}"):
+        load_task(get_task(str(write_task(tmp_path, vision_task({**source, "path": str(tmp_path / "split")},
+                                                                 classes=2)))))
+    (tmp_path / "bad/c0").mkdir(parents=True)
+    (tmp_path / "bad/c0/0.png").write_bytes(b"not a png")
+    with pytest.raises(TaskError, match="cannot read image .*0.png"):
+        load_task(get_task(str(write_task(tmp_path, vision_task({**source, "path": str(tmp_path / "bad")},
+                                                                 classes=2)))))
+    with pytest.raises(TaskError, match="data file not found.*nowhere"):
+        load_task(get_task(str(write_task(tmp_path, vision_task({**source, "path": str(tmp_path / "nowhere")},
+                                                                 classes=2)))))
+
+
 def test_images_with_negative_values_are_refused(tmp_path):
     """Already-normalised images ([-1, 1]) would be clamped into [0, 1] by every attack."""
     np.savez(tmp_path / "imgs.npz", images=np.linspace(-1, 1, 4 * 36, dtype=np.float32).reshape(4, 6, 6),
@@ -446,6 +508,42 @@ def test_digits_overrides_limit(digits_task):
     data = load_task(task)
     assert (len(data.train), len(data.validation), len(data.test)) == (50, 20, 20)
     assert digits_task.max_train is None  # overrides never leak into the cached task
+
+
+def test_a_source_with_another_loader_replaces_the_task_files_source(tmp_path):
+    """digits holds out test and validation from sklearn's data; own npz files for train and test
+    must not get a merged holdout that silently replaces their test split."""
+    images = np.zeros((12, 8, 8), np.uint8)
+    np.savez(tmp_path / "a.npz", images=images, labels=np.arange(12) % 10)
+    np.savez(tmp_path / "b.npz", images=images[:5] + 255, labels=np.arange(5))
+    task = get_task("digits", {"source": {"loader": "npz", "path": str(tmp_path),
+                                          "splits": {"train": "a.npz", "test": "b.npz"}}})
+    assert task.source.holdout == {} and task.source.splits == {"train": "a.npz", "test": "b.npz"}
+    data = load_task(task)
+    assert len(data.train) == 12 and data.test.labels.tolist() == [0, 1, 2, 3, 4]
+    assert get_task("digits", {"source": {"path": "load_digits"}}).source.holdout == {"test": 0.2, "validation": 0.2}
+
+
+def test_null_override_removes_a_task_field(tmp_path):
+    """``task.source.splits.validation=null`` drops a split the task file names (a merge cannot)."""
+    for name in ("train", "test"):
+        write_lines(tmp_path / f"{name}.tsv", ["sentence\tlabel", "good\tpositive", "bad\tnegative"])
+    path = write_task(tmp_path, text_task({"loader": "local", "path": str(tmp_path),
+                                           "splits": {"train": "train.tsv", "validation": "dev.tsv", "test": "test.tsv"}}))
+    with pytest.raises(TaskError, match="dev.tsv"):
+        load_task(get_task(str(path)))
+    task = get_task(str(path), {"source": {"splits": {"validation": None}}, "label_field": None})
+    assert task.source.splits == {"train": "train.tsv", "test": "test.tsv"} and task.label_field == "label"
+    assert len(load_task(task).validation) == 2
+
+
+def test_a_split_from_the_source_and_from_holdout_is_an_error(tmp_path):
+    for name in ("train", "test"):
+        write_lines(tmp_path / f"{name}.tsv", ["sentence\tlabel"] + ["good\tpositive", "bad\tnegative"] * 5)
+    path = write_task(tmp_path, text_task({"loader": "local", "path": str(tmp_path), "holdout": {"test": 0.2},
+                                           "splits": {"train": "train.tsv", "test": "test.tsv"}}))
+    with pytest.raises(TaskError, match=r"\['test'\] come from the source and from source.holdout"):
+        load_task(get_task(str(path)))
 
 
 def test_sst2_sample_loads_offline():

@@ -114,6 +114,7 @@ MODELS.register("hf", "unirobust.models.text:build_hf",
 LOADERS.register("hub", "unirobust.tasks:load_hub", "datasets.load_dataset(path, name)")
 LOADERS.register("local", "unirobust.tasks:load_local", "local csv / tsv / json / jsonl files, one per split")
 LOADERS.register("npz", "unirobust.tasks:load_npz", "numpy .npz arrays (images, labels)")
+LOADERS.register("imagefolder", "unirobust.tasks:load_imagefolder", "image files in class folders (<folder>/<label>/*.png)")
 LOADERS.register("sklearn", "unirobust.tasks:load_sklearn", "a dataset bundled with scikit-learn (load_digits, ...)")
 LOADERS.register("advglue", "unirobust.advglue:load_advglue_task", "AdvGLUE: hub adv_glue or a release-format JSON file")
 LOADERS.register("package", "unirobust.tasks:load_package", "data files bundled inside unirobust (offline default)")

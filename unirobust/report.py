@@ -100,6 +100,12 @@ def cell(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def attacked(ev: dict) -> bool:
+    """Whether a continuous attack ran (``eval.attacks`` had one); without one, ``robust_accuracy``
+    equals clean accuracy, and reports show "—" for it rather than a robustness nobody measured."""
+    return bool(ev.get("cascade"))
+
+
 def metrics_table(rows: dict[str, dict], tasks: dict[str, str] | None = None) -> str:
     """Markdown table: one row per run, clean accuracy, each cascade stage, robust accuracy. With
     ``tasks`` (run -> task name; a study's summary) also each run's task and number of examples,
@@ -113,8 +119,8 @@ def metrics_table(rows: dict[str, dict], tasks: dict[str, str] | None = None) ->
         stages = "; ".join(f"{s['attack']}: {pct(s['robust_accuracy'])}" for s in m.get("cascade", []))
         where = [tasks[name], str(m["n"])] if tasks else []
         word = [pct(m.get("word_attacks", {}).get(w, {}).get("accuracy_under_attack")) for w in words]
-        lines.append("| " + " | ".join([name, *where, pct(m["clean_accuracy"]), pct(m["robust_accuracy"]),
-                                         pct(m.get("worst_class_robust_accuracy")), stages or "—", *word]) + " |")
+        robust = [pct(m["robust_accuracy"]), pct(m.get("worst_class_robust_accuracy"))] if attacked(m) else ["—", "—"]
+        lines.append("| " + " | ".join([name, *where, pct(m["clean_accuracy"]), *robust, stages or "—", *word]) + " |")
     return "\n".join(lines)
 
 
@@ -164,7 +170,7 @@ def write_report(run_dir: Path, name: str, metrics: dict) -> None:
             lines += ["", "**Catastrophic overfitting detected** (held-out PGD accuracy collapsed; see log.txt)."]
         lines += ["", f"{train['steps']} steps in {train['seconds']:.1f} s.", ""]
     lines += ["## Per class", "", "| class | n | clean % | robust % |", "|---|---|---|---|"]
-    lines += [f"| {c} | {v['n']} | {pct(v['clean_accuracy'])} | {pct(v['robust_accuracy'])} |"
+    lines += [f"| {c} | {v['n']} | {pct(v['clean_accuracy'])} | {pct(v['robust_accuracy']) if attacked(ev) else '—'} |"
               for c, v in ev["per_class"].items()]
     if plot_per_class(run_dir / "per_class.png", name, ev):
         lines += ["", "![per-class accuracy](per_class.png)"]
@@ -174,12 +180,13 @@ def write_report(run_dir: Path, name: str, metrics: dict) -> None:
 
 def plot_per_class(path: Path, title: str, ev: dict) -> bool:
     """Bar chart of clean and robust accuracy per class (PNG); False if matplotlib is missing."""
-    return plot_clean_robust(path, title, {c: v for c, v in ev["per_class"].items()})
+    return plot_clean_robust(path, title, {c: {**v, "cascade": ev.get("cascade")} for c, v in ev["per_class"].items()})
 
 
 def plot_clean_robust(path: Path, title: str, bars: dict[str, dict]) -> bool:
     """Bar chart of ``clean_accuracy`` and ``robust_accuracy`` for each labelled entry of ``bars``
-    (classes of a run, or the runs of a study); False if matplotlib is missing."""
+    (classes of a run, or the runs of a study; no robust bar where no attack ran); False if matplotlib
+    is missing."""
     try:
         import matplotlib
 
@@ -191,7 +198,8 @@ def plot_clean_robust(path: Path, title: str, bars: dict[str, dict]) -> bool:
     x = range(len(labels))
     fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(labels) + 2), 3))
     ax.bar([i - 0.2 for i in x], [bars[k]["clean_accuracy"] for k in labels], 0.4, label="clean")
-    ax.bar([i + 0.2 for i in x], [bars[k]["robust_accuracy"] for k in labels], 0.4, label="robust")
+    ax.bar([i + 0.2 for i in x], [bars[k]["robust_accuracy"] if attacked(bars[k]) else float("nan") for k in labels],
+           0.4, label="robust")
     ax.set_xticks(list(x), labels, rotation=45, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")

@@ -11,7 +11,7 @@ from .attacks import build_attack
 from .evaluate import evaluate
 from .models import build_model
 from .recipe import AttackConfig, Recipe, RecipeError, read_yaml, validate
-from .report import atomic_write, environment, load_weights, save_weights, write_report
+from .report import atomic_write, attacked, environment, load_weights, save_weights, write_report
 from .tasks import Task, get_task, labels_of, load_task
 
 log = logging.getLogger("unirobust")
@@ -122,8 +122,13 @@ def execute(recipe: Recipe, resume: bool = False, train: bool = True, evaluate_a
             from .transfer_eval import evaluate_extras
 
             metrics["eval"].update(evaluate_extras(recipe, adapter, split, accelerator))
-            log.info("clean accuracy %.4f, robust accuracy %.4f on %d examples", metrics["eval"]["clean_accuracy"],
-                     metrics["eval"]["robust_accuracy"], metrics["eval"]["n"])
+            ev = metrics["eval"]
+            if attacked(ev):
+                log.info("clean accuracy %.4f, robust accuracy %.4f on %d examples", ev["clean_accuracy"],
+                         ev["robust_accuracy"], ev["n"])
+            else:
+                log.info("clean accuracy %.4f on %d examples (no continuous attack in eval.attacks)",
+                         ev["clean_accuracy"], ev["n"])
             if main:
                 write_report(run_dir, recipe.name, metrics)
         elif main:

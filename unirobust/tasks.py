@@ -129,9 +129,10 @@ class Task(Strict):
     def check_data(self) -> None:
         """Fail early, with the path, when a local data file is missing (no data is read)."""
         src = self.source
-        if src.loader == "package" or (src.loader in ("local", "npz") and src.path):
+        if src.loader == "package" or (src.loader in ("local", "npz", "imagefolder") and src.path):
             root = PACKAGE_DATA / (src.path or "") if src.loader == "package" else self.resolve_path(src.path)
-            paths = [root] if src.loader == "npz" and not src.splits else [root / f for f in src.splits.values()]
+            whole = src.loader in ("npz", "imagefolder") and not src.splits  # path is the train split itself
+            paths = [root] if whole else [root / f for f in src.splits.values()]
             for p in paths:
                 if not p.exists():
                     raise TaskError(f"task {self.name!r}: data file not found: {p} "
@@ -155,11 +156,25 @@ def available_tasks() -> dict[str, Path]:
 
 
 def deep_merge(base: dict, over: dict) -> dict:
-    """``over`` merged into a copy of ``base``; nested dicts merge, everything else replaces."""
+    """``over`` merged into a copy of ``base``; nested dicts merge, ``null`` removes a key (the field
+    is back to its default: ``task.source.splits.test=null``), everything else replaces."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def merge_task(raw: dict, overrides: dict) -> dict:
+    """A task file's fields with a recipe's ``task`` overrides. A ``source`` with another ``loader``
+    replaces the file's source whole: the hub splits or sklearn holdout of the file mean nothing to
+    local files (a merged holdout would silently replace the files' own test split)."""
+    source = overrides.get("source")
+    if isinstance(source, dict) and source.get("loader") not in (None, (raw.get("source") or {}).get("loader")):
+        raw = {k: v for k, v in raw.items() if k != "source"}
+    return deep_merge(raw, overrides)
 
 
 def task_file(name: str) -> Path:
@@ -201,7 +216,7 @@ def get_task(name: str, overrides: dict[str, Any] | None = None) -> Task:
     path = task_file(name)
     with open(path) as f:
         raw = load_yaml(f.read()) or {}
-    raw = deep_merge(raw, overrides or {})
+    raw = merge_task(raw, overrides or {})
     raw.setdefault("base_dir", str(path.resolve().parent.parent))
     return Task.model_validate(raw)
 
@@ -229,8 +244,46 @@ class ArrayDataset:
         return ArrayDataset(self.images[idx], self.labels[idx])
 
 
+class ImageFileDataset:
+    """Image files decoded when read: each item an ``image`` (float C x H x W in [0, 1], converted to
+    the task's channels and resized to its height and width) and its ``label``. For folders of
+    photos too large to hold in memory as one array (``loader: imagefolder``)."""
+
+    def __init__(self, files: Sequence[Path], labels: np.ndarray, image_shape: Sequence[int]):
+        self.files = list(files)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.image_shape = tuple(image_shape)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": read_image(self.files[i], self.image_shape), "label": int(self.labels[i])}
+
+    def select(self, idx: Sequence[int]) -> "ImageFileDataset":
+        idx = np.asarray(idx, dtype=np.int64)
+        return ImageFileDataset([self.files[i] for i in idx], self.labels[idx], self.image_shape)
+
+
+def read_image(path: Path, image_shape: Sequence[int]) -> np.ndarray:
+    """One image file as float32 C x H x W in [0, 1]: grey (C = 1) or RGB (C = 3), bilinearly resized
+    to H x W when its size differs."""
+    from PIL import Image, UnidentifiedImageError
+
+    c, h, w = image_shape
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if c == 1 else "RGB")
+            if im.size != (w, h):
+                im = im.resize((w, h), Image.BILINEAR)
+            x = np.asarray(im, dtype=np.float32) / 255.0
+    except (OSError, UnidentifiedImageError) as err:
+        raise TaskError(f"cannot read image {path}: {err}") from err
+    return x[None] if c == 1 else x.transpose(2, 0, 1).copy()
+
+
 def labels_of(ds) -> np.ndarray:
-    return ds.labels if isinstance(ds, ArrayDataset) else np.asarray(ds["label"])
+    return ds.labels if isinstance(ds, (ArrayDataset, ImageFileDataset)) else np.asarray(ds["label"])
 
 
 @dataclass
@@ -305,7 +358,7 @@ def label_indices(task: Task, values) -> np.ndarray:
 
 def _normalise_labels(task: Task, ds):
     """Rename the label column to ``label`` and map label names to indices."""
-    if isinstance(ds, ArrayDataset):
+    if isinstance(ds, (ArrayDataset, ImageFileDataset)):
         bad = ds.labels[(ds.labels < 0) | (ds.labels >= task.num_classes)]
         if len(bad):
             raise TaskError(f"task {task.name!r}: label {bad[0]} outside 0..{task.num_classes - 1}")
@@ -339,6 +392,10 @@ def load_task(task: Task, seed: int = 0) -> TaskData:
     whole = len(splits["train"])
     if sum(task.source.holdout.values()) >= 1:
         raise TaskError(f"task {task.name!r}: source.holdout fractions must sum to less than 1")
+    both = sorted(set(task.source.holdout) & set(raw))
+    if both:
+        raise TaskError(f"task {task.name!r}: split(s) {both} come from the source and from source.holdout; "
+                        f"drop one (task.source.holdout.{both[0]}=null)")
     for name, frac in task.source.holdout.items():  # fractions of the whole train source
         splits["train"], splits[name] = _stratified_holdout(splits["train"], frac * whole / len(splits["train"]),
                                                             task.source.seed)
@@ -442,6 +499,48 @@ def load_npz(task: Task) -> dict:
             raise TaskError(f"task {task.name!r}: arrays {missing} not in {file} (has {list(data)})")
         out[split] = ArrayDataset(_images(task, data[keys[0]]), label_indices(task, data[keys[1]].tolist()))
     return out
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def _image_files(task: Task, folder: Path) -> ImageFileDataset:
+    """``folder/<class>/<image files>``: a class folder is named by a label of the task or its 0-based
+    index; files of other types are skipped, a folder that is no class is an error."""
+    if not folder.is_dir():
+        raise TaskError(f"task {task.name!r}: {folder} is not a folder (loader imagefolder: <folder>/<class>/<images>)")
+    classes = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files, labels = [], []
+    for d in classes:
+        try:
+            label = int(label_indices(task, [d.name])[0])
+        except TaskError:
+            hint = (" (a folder of splits? name them: task.source.splits={train: train, test: "
+                    f"{d.name}}})" if d.name.lower() in ("train", "val", "valid", "validation", "test") else "")
+            raise TaskError(f"task {task.name!r}: folder {d} is not a class: class folders are named by the "
+                            f"labels {task.labels} or their indices 0..{task.num_classes - 1}{hint}") from None
+        if not 0 <= label < task.num_classes:
+            raise TaskError(f"task {task.name!r}: folder {d}: label {label} outside 0..{task.num_classes - 1}")
+        found = sorted(f for f in d.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        files += found
+        labels += [label] * len(found)
+    if not files:
+        raise TaskError(f"task {task.name!r}: no image files ({', '.join(IMAGE_SUFFIXES)}) in class folders of {folder}")
+    ds = ImageFileDataset(files, np.asarray(labels), task.image_shape)
+    ds[0]  # an unreadable first file fails here, at load, with its path
+    return ds
+
+
+def load_imagefolder(task: Task) -> dict:
+    """``path``: a folder of class folders (the train split; hold the others out with ``holdout``), or
+    with ``splits`` a folder and split -> its folder of class folders. Images are decoded when read."""
+    src = task.source
+    if task.image_shape[0] not in (1, 3):
+        raise TaskError(f"task {task.name!r}: image files are read as grey (1 channel) or RGB (3), "
+                        f"image_shape says {task.image_shape[0]} channels")
+    root = task.resolve_path(src.path or ".")
+    folders = {split: root / f for split, f in src.splits.items()} if src.splits else {"train": root}
+    return {split: _image_files(task, folder) for split, folder in folders.items()}
 
 
 def load_sklearn(task: Task) -> dict:
