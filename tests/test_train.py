@@ -251,7 +251,8 @@ def test_recipe_hash_names_what_training_depends_on(tmp_path):
     base = recipe_hash(load_recipes(recipe_file)[0])
     saved = validate(yaml.safe_load(load_recipes(recipe_file)[0].to_yaml()))
     assert recipe_hash(saved) == base
-    for same in (["task.max_eval=10"], ["train.checkpoint_every=7"], ["eval.batch_size=8"], ["output_dir=elsewhere"]):
+    for same in (["task.max_eval=10"], ["train.checkpoint_every=7"], ["eval.batch_size=8"], ["output_dir=elsewhere"],
+                 ["train.num_workers=2"]):
         assert recipe_hash(load_recipes(recipe_file, same)[0]) == base, same
     for other in (["train.lr=0.1"], ["seed=1"], ["task.max_train=100"], ["defense.attack.steps=3"],
                   ["task.threat.eps=0.2"]):
@@ -364,3 +365,52 @@ def test_batch_that_does_not_split_over_the_processes_is_a_recipe_error():
     check_batch_split(recipe, SimpleNamespace(num_processes=1))
     with pytest.raises(RecipeError, match="batch_size 33 must be divisible by 2 processes"):
         check_batch_split(recipe, SimpleNamespace(num_processes=2))
+
+
+@pytest.mark.slow
+def test_image_files_train_the_same_with_loader_workers(tmp_path, monkeypatch):
+    """``loader: imagefolder`` decodes files as batches are read; ``train.num_workers`` reads them in
+    other processes, and the trained model must be the same as with none."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from unirobust.recipe import load_recipes
+    from unirobust.runs import execute
+
+    digits = load_digits()
+    for i in range(96):
+        path = tmp_path / "photos" / str(digits.target[i]) / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).save(path)
+    task = {"name": "photos", "modality": "vision", "labels": [f"d{k}" for k in range(10)], "image_shape": [1, 8, 8],
+            "threat": {"eps": 0.1}, "source": {"loader": "imagefolder", "path": str(tmp_path / "photos"),
+                                               "holdout": {"validation": 0.25}}}
+    (tmp_path / "photos.yaml").write_text(yaml.safe_dump(task))
+    recipe_file = write_recipe(tmp_path / "tiny.yaml", task={"name": str(tmp_path / "photos.yaml")})
+    import unirobust.tasks
+
+    readers = tmp_path / "readers.txt"
+    read_image = unirobust.tasks.read_image
+
+    def recorded_read(*args):
+        with open(readers, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return read_image(*args)
+
+    monkeypatch.setattr(unirobust.tasks, "read_image", recorded_read)
+    weights = {}
+    for workers in (0, 2):
+        readers.unlink(missing_ok=True)
+        recipe = load_recipes(recipe_file, [f"output_dir={tmp_path / str(workers)}", f"train.num_workers={workers}",
+                                            "defense.name=erm", "defense.attack=null"])[0]
+        metrics = execute(recipe, evaluate_after=False)
+        assert metrics["train"]["history"][-1]["examples"] == 72
+        weights[workers] = load_file(tmp_path / str(workers) / "tiny" / "model.safetensors")
+        other_processes = set(readers.read_text().split()) - {str(os.getpid())}
+        assert len(other_processes) == workers
+    assert weights[0].keys() == weights[2].keys()
+    for name in weights[0]:
+        torch.testing.assert_close(weights[0][name], weights[2][name], rtol=0, atol=0)

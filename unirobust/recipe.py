@@ -118,6 +118,8 @@ class TrainConfig(Strict):
     grad_accum: int = Field(default=1, ge=1)
     grad_clip: float | None = Field(default=None, gt=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    num_workers: int = Field(default=0, ge=0, description="processes that read and collate training batches "
+                             "(decoding image files: loader imagefolder); 0 = in the training process")
     checkpoint_every: int | None = Field(default=None, ge=1, description="save a resumable checkpoint every N steps")
     monitor_examples: int = Field(default=0, ge=0, description="held-out examples for per-epoch PGD robust accuracy (0 = off)")
 

@@ -122,14 +122,15 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def recipe_hash(recipe: Recipe) -> str:
-    """What a checkpoint must have been trained with to be resumed: the recipe without its evaluation
-    and checkpointing settings (changing those does not change training)."""
+    """What a checkpoint must have been trained with to be resumed: the recipe without its evaluation,
+    checkpointing and data-reading settings (changing those does not change training)."""
     import yaml
 
     dump = yaml.safe_load(recipe.to_yaml())  # the task resolved: the same task reached by name or written out
     for key in ("eval", "output_dir", "description"):
         dump.pop(key, None)
-    dump["train"].pop("checkpoint_every", None)
+    for key in ("checkpoint_every", "num_workers"):
+        dump["train"].pop(key, None)
     for key in ("base_dir", "description", "max_eval"):
         dump["task"].pop(key, None)
     return hashlib.sha256(json.dumps(dump, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -241,7 +242,8 @@ def fit(recipe: Recipe, adapter, train_set, accelerator, run_dir: Path, resume: 
     check_batch_split(recipe, accelerator)  # execute checks it before the run folder is touched, too
     sampler = EpochPermutation(len(train_set), recipe.seed)
     loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, collate_fn=adapter.collate,
-                        generator=torch.Generator().manual_seed(recipe.seed))
+                        generator=torch.Generator().manual_seed(recipe.seed), num_workers=cfg.num_workers,
+                        persistent_workers=cfg.num_workers > 0)
     steps_per_epoch = max(1, math.ceil(len(loader) / cfg.grad_accum))  # accelerate syncs at an epoch's end
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
     optimizer = make_optimizer([p for p in adapter.parameters() if p.requires_grad], cfg)
