@@ -295,6 +295,23 @@ def test_image_folder_reads_class_folders_per_split(tmp_path):
     assert data.validation is data.test
 
 
+def test_image_folder_keeps_16_bit_depth_and_skips_hidden_files(tmp_path):
+    """A 16-bit grey PNG (microscopy, medical) keeps its values: PIL's 8-bit conversion clips it white."""
+    deep = (np.arange(36, dtype=np.uint16).reshape(6, 6) * 1800)
+    save_image(tmp_path / "imgs/c0/deep.png", deep)
+    save_image(tmp_path / "imgs/c1/.ipynb_checkpoints/copy.png", deep)  # not an example
+    save_image(tmp_path / "imgs/c1/grey.png", np.full((6, 6), 51, np.uint8))
+    for channels in (1, 3):
+        spec = vision_task({"loader": "imagefolder", "path": str(tmp_path / "imgs"), "holdout": {"validation": 0.5}},
+                           image_shape=(channels, 6, 6), classes=2)
+        data = load_task(get_task(str(write_task(tmp_path, spec))))
+        assert len(data.train) + len(data.validation) == 2
+        split = data.train if data.train.labels.tolist() == [0] else data.validation
+        assert split[0]["image"].shape == (channels, 6, 6)
+        for channel in split[0]["image"]:
+            np.testing.assert_allclose(channel, deep / 65535.0, atol=1e-6)
+
+
 def test_image_folder_holdout_and_errors(tmp_path):
     """One folder without splits is train (holdout gives the others); a folder that is no class, a
     folder of splits given as classes, a file that is no image, and 4 channels are task errors."""

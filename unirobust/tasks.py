@@ -267,19 +267,23 @@ class ImageFileDataset:
 
 def read_image(path: Path, image_shape: Sequence[int]) -> np.ndarray:
     """One image file as float32 C x H x W in [0, 1]: grey (C = 1) or RGB (C = 3), bilinearly resized
-    to H x W when its size differs."""
+    to H x W when its size differs. 16-bit grey files keep their depth (0..65535 -> [0, 1]); PIL's
+    own conversion to 8 bits would clip them to white."""
     from PIL import Image, UnidentifiedImageError
 
     c, h, w = image_shape
     try:
         with Image.open(path) as im:
-            im = im.convert("L" if c == 1 else "RGB")
+            deep = im.mode == "I" or im.mode.startswith("I;16")
+            im = im.convert("F" if deep else "L" if c == 1 else "RGB")
             if im.size != (w, h):
                 im = im.resize((w, h), Image.BILINEAR)
-            x = np.asarray(im, dtype=np.float32) / 255.0
+            x = np.asarray(im, dtype=np.float32) / (65535.0 if deep else 255.0)
     except (OSError, UnidentifiedImageError) as err:
         raise TaskError(f"cannot read image {path}: {err}") from err
-    return x[None] if c == 1 else x.transpose(2, 0, 1).copy()
+    if x.ndim == 2:
+        return np.repeat(x[None], c, axis=0)
+    return x.transpose(2, 0, 1).copy()
 
 
 def labels_of(ds) -> np.ndarray:
@@ -521,7 +525,8 @@ def _image_files(task: Task, folder: Path) -> ImageFileDataset:
                             f"labels {task.labels} or their indices 0..{task.num_classes - 1}{hint}") from None
         if not 0 <= label < task.num_classes:
             raise TaskError(f"task {task.name!r}: folder {d}: label {label} outside 0..{task.num_classes - 1}")
-        found = sorted(f for f in d.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        found = sorted(f for f in d.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
+                       and not any(part.startswith(".") for part in f.relative_to(d).parts))  # .ipynb_checkpoints
         files += found
         labels += [label] * len(found)
     if not files:
