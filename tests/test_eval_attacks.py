@@ -192,6 +192,16 @@ def test_build_from_registry_with_task_threat():
         APGDCE(eps=0.1, steps=3)  # APGD's budget is n_iter
 
 
+def test_attack_of_another_norm_takes_no_task_radius():
+    linf = ThreatModel(norm="linf", eps=8 / 255, steps=7)
+    with pytest.raises(ValueError, match="give eps for the l2 ball"):
+        build_attack({"name": "pgd", "norm": "l2"}, linf)  # 8/255 is no L2 radius for an image
+    pgd = build_attack({"name": "pgd", "norm": "l2", "eps": 0.5}, linf)
+    assert (pgd.norm, pgd.eps, pgd.alpha, pgd.steps) == ("l2", 0.5, None, 7)  # step follows its own eps
+    same = build_attack({"name": "pgd", "norm": "linf"}, linf)
+    assert (same.eps, same.steps) == (8 / 255, 7)
+
+
 # ----------------------------------------------------------------------------- text
 
 

@@ -310,7 +310,7 @@ def test_checks_of_built_objects_against_the_task_come_before_the_run(tmp_path):
     with pytest.raises(RecipeError, match=r"defense.*constant with 2 classes"):
         load_recipes(write(tmp_path, adp))
     assert load_recipes(write(tmp_path, dict(adp, defense={"name": "adp", "beta": 0.0})))
-    for where in ({"eval": {"attacks": [{"name": "pgd", "norm": "l2", "relative": True}]}},
+    for where in ({"eval": {"attacks": [{"name": "pgd", "norm": "l2", "eps": 0.5, "relative": True}]}},
                   {"defense": {"name": "pgd-at", "attack": {"name": "pgd", "relative": True}}}):
         with pytest.raises(RecipeError, match="relative budgets .* is vision"):
             load_recipes(write(tmp_path, dict(BASE, **where)))

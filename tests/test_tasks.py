@@ -312,6 +312,37 @@ def test_image_folder_keeps_16_bit_depth_and_skips_hidden_files(tmp_path):
             np.testing.assert_allclose(channel, deep / 65535.0, atol=1e-6)
 
 
+def test_image_folder_order_spans_classes_and_is_fixed(tmp_path):
+    """Class folders are read one after another; listed in that order, the first 10 test images
+    (``--max-examples 10``) would all be class c0. The order is shuffled, the same on every load."""
+    for k in range(3):
+        for i in range(20):
+            save_image(tmp_path / f"photos/test/c{k}/{i}.png", np.full((6, 6), 10 * i + k, np.uint8))
+    spec = vision_task({"loader": "imagefolder", "path": "photos", "splits": {"train": "test", "test": "test"}})
+    first = load_task(get_task(str(write_task(tmp_path, spec)))).test
+    assert set(first.labels[:10].tolist()) == {0, 1, 2}
+    assert first.files == load_task(get_task(str(write_task(tmp_path, spec)))).test.files
+    assert [first[i]["label"] for i in range(len(first))] == [int(f.parent.name[1:]) for f in first.files]
+
+
+def test_image_folder_refuses_two_folders_of_one_class_and_odd_values(tmp_path):
+    from PIL import Image
+
+    save_image(tmp_path / "imgs/c1/a.png", np.zeros((6, 6), np.uint8))
+    save_image(tmp_path / "imgs/1/b.png", np.zeros((6, 6), np.uint8))  # index 1 is c1 too
+    spec = vision_task({"loader": "imagefolder", "path": str(tmp_path / "imgs"), "holdout": {"validation": 0.5}})
+    with pytest.raises(TaskError, match="folders '1' and 'c1' .* are both class 1"):
+        load_task(get_task(str(write_task(tmp_path, spec))))
+    (tmp_path / "tif/c0").mkdir(parents=True)
+    for name in ("a", "b"):
+        Image.fromarray(np.full((6, 6), 0.25, np.float32), mode="F").save(tmp_path / f"tif/c0/{name}.tif")
+    spec["source"]["path"] = str(tmp_path / "tif")
+    np.testing.assert_allclose(load_task(get_task(str(write_task(tmp_path, spec)))).train[0]["image"], 0.25)
+    Image.fromarray(np.full((6, 6), 7.0, np.float32), mode="F").save(tmp_path / "tif/c0/a.tif")
+    with pytest.raises(TaskError, match=r"float values: they span \[7, 7\]"):
+        load_task(get_task(str(write_task(tmp_path, spec))))
+
+
 def test_image_folder_holdout_and_errors(tmp_path):
     """One folder without splits is train (holdout gives the others); a folder that is no class, a
     folder of splits given as classes, a file that is no image, and 4 channels are task errors."""
@@ -333,14 +364,18 @@ def test_image_folder_holdout_and_errors(tmp_path):
     with pytest.raises(TaskError, match=r"a folder of splits\? .*splits=\{train: train, test: train\}"):
         load_task(get_task(str(write_task(tmp_path, vision_task({**source, "path": str(tmp_path / "split")},
                                                                  classes=2)))))
-    (tmp_path / "bad/c0").mkdir(parents=True)
-    (tmp_path / "bad/c0/0.png").write_bytes(b"not a png")
-    with pytest.raises(TaskError, match="cannot read image .*0.png"):
+    for i in range(5):
+        save_image(tmp_path / f"bad/c0/{i}.png", np.zeros((6, 6), np.uint8))
+    (tmp_path / "bad/c0/3.png").write_bytes(b"not a png")  # whichever file comes first, load finds it
+    with pytest.raises(TaskError, match="1 file.* no readable image: .*bad/c0/3.png"):
         load_task(get_task(str(write_task(tmp_path, vision_task({**source, "path": str(tmp_path / "bad")},
                                                                  classes=2)))))
-    with pytest.raises(TaskError, match="data file not found.*nowhere"):
+    with pytest.raises(TaskError, match="folder not found.*nowhere"):
         load_task(get_task(str(write_task(tmp_path, vision_task({**source, "path": str(tmp_path / "nowhere")},
                                                                  classes=2)))))
+    split_typo = {"loader": "imagefolder", "path": "imgs", "splits": {"train": "c0", "test": "vall"}}
+    with pytest.raises(TaskError, match=r"folder not found: /.*/imgs/vall .*task.source.splits.test="):
+        load_task(get_task(str(write_task(tmp_path, vision_task(split_typo, classes=2)))))
 
 
 def test_images_with_negative_values_are_refused(tmp_path):

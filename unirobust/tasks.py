@@ -132,11 +132,16 @@ class Task(Strict):
         if src.loader == "package" or (src.loader in ("local", "npz", "imagefolder") and src.path):
             root = PACKAGE_DATA / (src.path or "") if src.loader == "package" else self.resolve_path(src.path)
             whole = src.loader in ("npz", "imagefolder") and not src.splits  # path is the train split itself
-            paths = [root] if whole else [root / f for f in src.splits.values()]
-            for p in paths:
+            paths = {"": root} if whole else {split: root / f for split, f in src.splits.items()}
+            what = "folder" if src.loader == "imagefolder" else "data file"
+            for split, p in paths.items():
                 if not p.exists():
-                    raise TaskError(f"task {self.name!r}: data file not found: {p} "
-                                    f"(override it with task.source.path=...)")
+                    other_root = self.base_dir and Path(self.base_dir).resolve() != Path.cwd().resolve()
+                    tried = "" if p.is_absolute() else f"; looked in {Path.cwd()}" + (
+                        f" and in {self.base_dir} (the task file's project root)" if other_root else "")
+                    fix = (f"task.source.splits.{split}=..., or task.source.path=... for the folder it is in"
+                           if split else "task.source.path=...")
+                    raise TaskError(f"task {self.name!r}: {what} not found: {p}{tried} (override it with {fix})")
 
 
 # ----------------------------------------------------------------------------- finding tasks
@@ -267,20 +272,26 @@ class ImageFileDataset:
 
 def read_image(path: Path, image_shape: Sequence[int]) -> np.ndarray:
     """One image file as float32 C x H x W in [0, 1]: grey (C = 1) or RGB (C = 3), bilinearly resized
-    to H x W when its size differs. 16-bit grey files keep their depth (0..65535 -> [0, 1]); PIL's
-    own conversion to 8 bits would clip them to white."""
+    to H x W when its size differs. 16/32-bit integer grey files keep their depth (0..65535 -> [0, 1];
+    PIL's own conversion to 8 bits would clip them to white); float files (TIFF mode F) are taken as
+    they are and must lie in [0, 1]. EXIF orientation is not applied, as in torchvision's ImageFolder."""
     from PIL import Image, UnidentifiedImageError
 
     c, h, w = image_shape
     try:
         with Image.open(path) as im:
-            deep = im.mode == "I" or im.mode.startswith("I;16")
-            im = im.convert("F" if deep else "L" if c == 1 else "RGB")
+            floating, deep = im.mode == "F", im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N")
+            im = im.convert("F" if deep or floating else "L" if c == 1 else "RGB")
             if im.size != (w, h):
                 im = im.resize((w, h), Image.BILINEAR)
-            x = np.asarray(im, dtype=np.float32) / (65535.0 if deep else 255.0)
+            scale = 1.0 if floating else 65535.0 if deep else 255.0
+            x = np.asarray(im, dtype=np.float32) / scale
     except (OSError, UnidentifiedImageError) as err:
         raise TaskError(f"cannot read image {path}: {err}") from err
+    if (floating or deep) and x.size and not (0.0 <= float(x.min()) and float(x.max()) <= 1.0):
+        kind = "float values" if floating else "integer values above 65535 (a 32-bit file?)"
+        raise TaskError(f"image {path}: {kind}: they span [{x.min() * scale:g}, {x.max() * scale:g}]; float files "
+                        f"are read as [0, 1] and integer ones as 0..65535: rescale the file")
     if x.ndim == 2:
         return np.repeat(x[None], c, axis=0)
     return x.transpose(2, 0, 1).copy()
@@ -510,11 +521,13 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 def _image_files(task: Task, folder: Path) -> ImageFileDataset:
     """``folder/<class>/<image files>``: a class folder is named by a label of the task or its 0-based
-    index; files of other types are skipped, a folder that is no class is an error."""
+    index; files of other types are skipped, a folder that is no class is an error. Files are listed
+    in one fixed shuffled order (the same on every machine and run), so the first examples of a split
+    (``eval.max_examples``, ``--max-examples``) span its classes instead of being one class's files."""
     if not folder.is_dir():
         raise TaskError(f"task {task.name!r}: {folder} is not a folder (loader imagefolder: <folder>/<class>/<images>)")
     classes = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-    files, labels = [], []
+    files, labels, folder_of = [], [], {}
     for d in classes:
         try:
             label = int(label_indices(task, [d.name])[0])
@@ -525,15 +538,42 @@ def _image_files(task: Task, folder: Path) -> ImageFileDataset:
                             f"labels {task.labels} or their indices 0..{task.num_classes - 1}{hint}") from None
         if not 0 <= label < task.num_classes:
             raise TaskError(f"task {task.name!r}: folder {d}: label {label} outside 0..{task.num_classes - 1}")
+        if label in folder_of:
+            raise TaskError(f"task {task.name!r}: folders {folder_of[label].name!r} and {d.name!r} in {folder} "
+                            f"are both class {label} ({task.labels[label]!r}): keep one")
+        folder_of[label] = d
         found = sorted(f for f in d.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
                        and not any(part.startswith(".") for part in f.relative_to(d).parts))  # .ipynb_checkpoints
+        if not found:
+            log.warning("task %s: class folder %s holds no image files", task.name, d)
         files += found
         labels += [label] * len(found)
     if not files:
         raise TaskError(f"task {task.name!r}: no image files ({', '.join(IMAGE_SUFFIXES)}) in class folders of {folder}")
-    ds = ImageFileDataset(files, np.asarray(labels), task.image_shape)
+    _check_image_headers(files)
+    order = np.random.default_rng(0).permutation(len(files))
+    ds = ImageFileDataset([files[i] for i in order], np.asarray(labels)[order], task.image_shape)
     ds[0]  # an unreadable first file fails here, at load, with its path
     return ds
+
+
+def _check_image_headers(files: Sequence[Path]) -> None:
+    """Open every file's header (about 25 us each) so a file that is no image fails at load, before a
+    run starts, not when an epoch or the evaluation reaches it."""
+    from PIL import Image, UnidentifiedImageError
+    from tqdm.auto import tqdm
+
+    bad = []
+    for f in tqdm(files, desc=f"checking image files in {files[0].parent.parent}", unit="file",
+                  disable=len(files) < 20_000, leave=False):
+        try:
+            with Image.open(f):
+                pass
+        except (OSError, UnidentifiedImageError) as err:
+            bad.append(f"{f} ({err})")
+    if bad:
+        raise TaskError(f"{len(bad)} file(s) are no readable image: {'; '.join(bad[:3])}"
+                        + (f"; and {len(bad) - 3} more" if len(bad) > 3 else ""))
 
 
 def load_imagefolder(task: Task) -> dict:

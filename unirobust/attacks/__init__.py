@@ -12,15 +12,24 @@ THREAT_KEYS = ("norm", "eps", "alpha", "steps", "relative")
 
 def build_attack(spec: dict[str, Any], threat=None):
     """An attack from ``{name: pgd, eps: ..., ...}``; budget keys the spec leaves out come from
-    ``threat`` (the task's default threat model) when the attack has them."""
+    ``threat`` (the task's default threat model) when the attack has them. A spec that names another
+    norm than the task's must give its own ``eps`` (an Linf radius is no L2 radius); ``cw-l2``
+    minimises L2 distance but is projected onto the task's ball, so it takes the task's norm."""
     spec = dict(spec)
     name = spec.pop("name")
     cls = ATTACKS.get(name)
     fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
     given = set(spec)
+    other_norm = threat is not None and "norm" in spec and spec["norm"] != getattr(threat, "norm", None)
+    if other_norm and "eps" in fields and "eps" not in spec:
+        raise ValueError(f"{name} with norm={spec['norm']} on a task whose threat is {threat.norm} "
+                         f"eps={threat.eps:g}: give eps for the {spec['norm']} ball (the task's eps is "
+                         f"an {threat.norm} radius, not an {spec['norm']} one)")
     if threat is not None:
         for key in THREAT_KEYS:
             value = getattr(threat, key, None)
+            if other_norm and key in ("eps", "alpha"):
+                continue  # radius and step belong to the task's norm
             if key == "alpha" and ("steps" not in fields or given & {"eps", "steps"}
                                    or not getattr(cls, "takes_task_alpha", True)):
                 continue  # the task's alpha is its PGD's step size: not for single-step attacks, another
