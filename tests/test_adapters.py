@@ -389,3 +389,27 @@ def test_model_of_the_other_modality_is_a_model_spec_error(digits_task, tmp_path
         build_model("hf:sentence-transformers/all-MiniLM-L6-v2", digits_task)
     with pytest.raises(ModelSpecError, match="checkpoint_path"):
         build_model(f"timm:{tmp_path}", digits_task)
+
+
+def test_timm_checkpoint_path_loads_weights_and_names_what_does_not_fit(digits_task, tmp_path):
+    """Weights saved from the same architecture load exactly; a missing file, weights of another head
+    and a whole pickled model are model spec errors naming the file (timm raised bare errors)."""
+    from safetensors.torch import save_file
+
+    from unirobust.models import build_model
+    from unirobust.models.base import ModelSpecError
+
+    source = build_model("timm:test_resnet", digits_task)
+    save_file(source.net.state_dict(), tmp_path / "w.safetensors")
+    loaded = build_model("timm:test_resnet", digits_task, checkpoint_path=str(tmp_path / "w.safetensors"))
+    for a, b in zip(source.net.state_dict().values(), loaded.net.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ModelSpecError, match="no file .*nope.pth"):
+        build_model("timm:test_resnet", digits_task, checkpoint_path=str(tmp_path / "nope.pth"))
+    other = {k: v[:3] if k.startswith("fc.") else v for k, v in source.net.state_dict().items()}  # 3 classes
+    torch.save(other, tmp_path / "three.pth")
+    with pytest.raises(ModelSpecError, match=r"three.pth does not fit timm:test_resnet with 10 classes.*fc.weight"):
+        build_model("timm:test_resnet", digits_task, checkpoint_path=str(tmp_path / "three.pth"))
+    torch.save(source.net, tmp_path / "whole.pth")
+    with pytest.raises(ModelSpecError, match="whole.pth holds pickled objects"):
+        build_model("timm:test_resnet", digits_task, checkpoint_path=str(tmp_path / "whole.pth"))

@@ -283,3 +283,19 @@ def test_run_prints_its_word_attack_table(tmp_path, capsys, monkeypatch):
     assert main(["run", str(recipe)]) == 0
     out = capsys.readouterr().out
     assert "| pwws(n=4) | 4 | 75.0 | 25.0 | 66.7 |" in out
+
+
+def test_model_spec_is_built_from_the_recipe_seed():
+    """`eval timm:<arch> --task ...` builds a randomly initialised model: the same weights on every
+    call with one seed (an unseeded build would differ call to call), others with another seed."""
+    import torch
+
+    from unirobust.cli import build_parser, load_target, parse_with_late_overrides
+
+    def weights(*overrides):
+        args = parse_with_late_overrides(build_parser(), ["eval", "timm:test_resnet", "--task", "digits", *overrides])
+        torch.manual_seed(len(overrides) + torch.randint(1000, ()).item())  # whatever the state before
+        return torch.cat([p.detach().flatten() for p in load_target(args)[1].parameters()])
+
+    assert torch.equal(weights(), weights())
+    assert torch.equal(weights("seed=3"), weights("seed=3")) and not torch.equal(weights(), weights("seed=3"))

@@ -637,3 +637,21 @@ def test_first_examples_warns_on_array_splits_too(caplog):
     with caplog.at_level("WARNING", logger="unirobust"):
         assert len(first_examples(ordered, 3)) == 3
     assert "miss 1 of the split's classes" in caplog.text
+
+
+def test_image_shape_given_channels_last_and_task_file_without_name(tmp_path):
+    """[28, 28, 1] is read as 28 channels; the error says so instead of blaming mean/std, and a
+    recipe names the field as ``task``, not ``task.``. A task file need not repeat its name."""
+    from unirobust.recipe import RecipeError, validate
+
+    source = {"loader": "sklearn", "path": "load_digits"}
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(vision_task(source, image_shape=(8, 8, 1), classes=10, mean=[0.5], std=[0.5])))
+    with pytest.raises(RecipeError, match=r"\n  task: image_shape \[8, 8, 1\] reads as 8 channels of 8 x 1: "
+                                          r"channels come first, \[1, 8, 8\]"):
+        validate({"name": "x", "task": {"name": str(path)}, "model": {"spec": "timm:test_resnet"}})
+    path.write_text(yaml.safe_dump(vision_task(source, image_shape=(1, 8, 8), classes=10, std=[0.5, 0.5])))
+    with pytest.raises(RecipeError, match=r"task: std has 2 value\(s\), image_shape \[1, 8, 8\] has 1 channel"):
+        validate({"name": "x", "task": {"name": str(path)}, "model": {"spec": "timm:test_resnet"}})
+    path.write_text(yaml.safe_dump(vision_task(source, image_shape=(1, 8, 8), classes=10)))
+    assert get_task(str(path)).name == "mine"

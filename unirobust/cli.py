@@ -95,8 +95,11 @@ def load_target(args):
         raise RecipeError(f"{args.target!r} is not a run folder; to evaluate a model spec, give --task")
     from .models.base import build_from_config
 
+    from accelerate.utils import set_seed
+
     raw = {"name": "eval", "task": {"name": args.task}, "model": {"spec": args.target}}
     recipe = validate(apply_overrides(raw, args.overrides), "evaluation")
+    set_seed(recipe.seed)  # a head (or a whole timm model) initialised at random: the same one every call
     return recipe, build_from_config(recipe.model, recipe.resolved_task)
 
 

@@ -280,9 +280,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def _describe_one(e: dict, prefix: str = "") -> list[str]:
-    where = prefix + ".".join(str(p) for p in e["loc"]) or "(recipe)"
+    where = (prefix + ".".join(str(p) for p in e["loc"])).rstrip(".") or "(recipe)"
     got = f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""
-    return [f"  {where}: {e['msg']}{got}"]
+    msg = e["msg"].removeprefix("Value error, ")  # a validator's own sentence
+    return [f"  {where}: {msg}{got}"]
 
 
 def _describe(err: ValidationError, prefix: str = "") -> list[str]:

@@ -107,11 +107,16 @@ class Task(Strict):
         if self.modality == "vision":
             if self.threat.relative:
                 raise ValueError("threat.relative scales the budget by each token's embedding norm: text tasks only")
-            if not self.image_shape or len(self.image_shape) != 3:
-                raise ValueError("a vision task needs image_shape: [channels, height, width]")
-            for stat in (self.mean, self.std):
-                if stat is not None and len(stat) != self.image_shape[0]:
-                    raise ValueError("mean/std need one value per image channel")
+            if not self.image_shape or len(self.image_shape) != 3 or min(self.image_shape) < 1:
+                raise ValueError(f"a vision task needs image_shape: [channels, height, width], got {self.image_shape}")
+            c, h, w = self.image_shape
+            if c not in (1, 3, 4) and w in (1, 3, 4) and c > w:
+                raise ValueError(f"image_shape {self.image_shape} reads as {c} channels of {h} x {w}: "
+                                 f"channels come first, [{w}, {c}, {h}]")
+            for key, stat in (("mean", self.mean), ("std", self.std)):
+                if stat is not None and len(stat) != c:
+                    raise ValueError(f"{key} has {len(stat)} value(s), image_shape {self.image_shape} has {c} "
+                                     f"channel(s): one value per channel")
         return self
 
     @property
@@ -222,6 +227,7 @@ def get_task(name: str, overrides: dict[str, Any] | None = None) -> Task:
     with open(path) as f:
         raw = load_yaml(f.read()) or {}
     raw = merge_task(raw, overrides or {})
+    raw.setdefault("name", path.stem)  # a task file of one's own need not repeat its name
     raw.setdefault("base_dir", str(path.resolve().parent.parent))
     return Task.model_validate(raw)
 

@@ -142,9 +142,38 @@ def _build_classifier(arch: str, task, pretrained: bool = False, feature_layer: 
         raise ModelSpecError(f"model option(s) {', '.join(taken)} come from the task (its classes and image "
                              f"channels); remove them from model.options")
     channels = task.image_shape[0]
-    net = timm.create_model(arch, pretrained=pretrained, num_classes=task.num_classes, in_chans=channels, **kwargs)
+    checkpoint = kwargs.get("checkpoint_path")
+    if checkpoint is None:
+        net = timm.create_model(arch, pretrained=pretrained, num_classes=task.num_classes, in_chans=channels, **kwargs)
+    else:
+        net = _create_from_checkpoint(arch, task, Path(str(checkpoint)).expanduser(), pretrained, kwargs)
     return VisionAdapter(net, task.num_classes, task.mean or [0.5] * channels, task.std or [0.5] * channels,
                          feature_layer=feature_layer)
+
+
+def _create_from_checkpoint(arch: str, task, path: Path, pretrained: bool, kwargs: dict):
+    """``timm.create_model`` with ``checkpoint_path``; a missing file, a file of pickled objects or
+    weights of another shape are a :class:`ModelSpecError` naming the file (timm raises bare errors)."""
+    import pickle
+
+    import timm
+
+    from ..models.base import ModelSpecError
+
+    if not path.is_file():
+        raise ModelSpecError(f"model.options.checkpoint_path: no file {path}")
+    try:
+        return timm.create_model(arch, pretrained=pretrained, num_classes=task.num_classes,
+                                 in_chans=task.image_shape[0], **{**kwargs, "checkpoint_path": str(path)})
+    except (pickle.UnpicklingError, RuntimeError) as err:
+        if not isinstance(err, pickle.UnpicklingError) and "weights_only" not in str(err):
+            first = "; ".join(line.strip() for line in str(err).splitlines()[:3])  # missing keys, other shapes
+            raise ModelSpecError(f"model.options.checkpoint_path {path} does not fit timm:{arch} with "
+                                 f"{task.num_classes} classes and {task.image_shape[0]} input channels (the "
+                                 f"task's): {first[:400]}") from None
+        raise ModelSpecError(f"model.options.checkpoint_path {path} holds pickled objects, not weights alone: a "
+                             f"whole pickled model is not loaded, for safety (torch.load weights_only); where "
+                             f"you trust it, load it and save its state_dict(), or save safetensors") from None
 
 
 #: ``head`` option of ``timm:`` models -> builder (lazy "module:attr").
