@@ -314,3 +314,16 @@ def test_checks_of_built_objects_against_the_task_come_before_the_run(tmp_path):
                   {"defense": {"name": "pgd-at", "attack": {"name": "pgd", "relative": True}}}):
         with pytest.raises(RecipeError, match="relative budgets .* is vision"):
             load_recipes(write(tmp_path, dict(BASE, **where)))
+
+
+def test_override_slips_are_named(tmp_path):
+    """``{name:fgsm}`` (no space: YAML's one key 'name:fgsm'), a misspelt attack parameter, and
+    ``variants=null`` (the base recipe alone, not an unknown field)."""
+    path = write(tmp_path, dict(BASE, variants=[{"name": "a"}, {"name": "b", "seed": 3}]))
+    with pytest.raises(RecipeError, match=r"eval.attacks.0.name: Field required \(YAML read 'name:fgsm' as one key"):
+        load_recipes(path, ["eval.attacks=[{name:fgsm}]"])
+    with pytest.raises(RecipeError, match="eval.attacks.0: pgd has no parameter epss; its parameters: alpha, .*eps,"):
+        load_recipes(path, ["eval.attacks=[{name: pgd, epss: 0.1}]"])
+    assert [r.name for r in load_recipes(path)] == ["cmp/a", "cmp/b"]
+    assert [r.name for r in load_recipes(path, ["variants=null", "seed=5"])] == ["cmp"]
+    assert [(r.name, r.seed) for r in load_recipes(path, ["variants.1.seed=4"])] == [("cmp/a", 0), ("cmp/b", 4)]

@@ -300,7 +300,7 @@ def test_study_summary_tables_and_plots_every_variant(tmp_path):
     recipe.write_text(yaml.safe_dump(raw))
     assert main(["run", str(recipe)]) == 0
     summary = (tmp_path / "tiny" / "summary.md").read_text()
-    for variant, task in (("digits", "digits"), ("noise", str(tmp_path / "noise.yaml"))):
+    for variant, task in (("digits", "digits"), ("noise", "noise")):
         ev = json.loads((tmp_path / "tiny" / variant / "metrics.json").read_text())["eval"]
         row = next(line for line in summary.splitlines() if line.startswith(f"| tiny/{variant} | "))
         assert row.startswith(f"| tiny/{variant} | {task} | {ev['n']} | {100 * ev['clean_accuracy']:.1f} | "

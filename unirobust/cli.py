@@ -60,7 +60,7 @@ def cmd_run(args, evaluate_after: bool = True) -> int:
     from accelerate import PartialState
 
     if results and PartialState().is_main_process:
-        tasks = {r.name: r.task.name for r in recipes} if len(recipes) > 1 else None
+        tasks = {r.name: r.resolved_task.name for r in recipes} if len(recipes) > 1 else None
         print("\n" + metrics_table(results, tasks))
         if not tasks and next(iter(results.values())).get("word_attacks"):  # a study's table has them as columns
             print("\n" + word_attack_table(next(iter(results.values()))["word_attacks"]))

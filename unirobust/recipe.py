@@ -8,6 +8,7 @@ Every problem is reported at once, with its field path, as a :class:`RecipeError
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -283,6 +284,10 @@ def _describe_one(e: dict, prefix: str = "") -> list[str]:
     where = (prefix + ".".join(str(p) for p in e["loc"])).rstrip(".") or "(recipe)"
     got = f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""
     msg = e["msg"].removeprefix("Value error, ")  # a validator's own sentence
+    glued = [k for k, v in e["input"].items() if isinstance(k, str) and ":" in k and v is None] \
+        if e["type"] == "missing" and isinstance(e["input"], dict) else []
+    if glued:  # YAML reads {name:fgsm} as the key "name:fgsm"
+        msg += f" (YAML read {glued[0]!r} as one key: put a space after the colon)"
     return [f"  {where}: {msg}{got}"]
 
 
@@ -317,6 +322,9 @@ def read_yaml(path: str | Path) -> dict:
 def load_recipes(path: str | Path, overrides: list[str] = ()) -> list[Recipe]:
     """All runs of a recipe file: the base alone, or one per variant (named ``<name>/<variant>``)."""
     raw = read_yaml(path)
+    of_variants = [o for o in overrides if re.split(r"[.=\[]", o, maxsplit=1)[0].strip() == "variants"]
+    raw = apply_overrides(raw, of_variants)  # variants=null: the base recipe alone
+    overrides = [o for o in overrides if o not in of_variants]
     variants = raw.pop("variants", None) or [{}]
     if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
         raise RecipeError(f"{path}: variants must be a list of partial recipes, each with a name")

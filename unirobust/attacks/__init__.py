@@ -20,6 +20,9 @@ def build_attack(spec: dict[str, Any], threat=None):
     cls = ATTACKS.get(name)
     fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
     given = set(spec)
+    unknown = sorted(given - fields) if fields else []
+    if unknown:
+        raise ValueError(f"{name} has no parameter {', '.join(unknown)}; its parameters: {', '.join(sorted(fields))}")
     other_norm = threat is not None and "norm" in spec and spec["norm"] != getattr(threat, "norm", None)
     if other_norm and "eps" in fields and "eps" not in spec:
         raise ValueError(f"{name} with norm={spec['norm']} on a task whose threat is {threat.norm} "
