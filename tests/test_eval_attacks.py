@@ -254,3 +254,13 @@ def test_text_attacks_accumulate_no_parameter_grads(text_adapter, sentences):
     for make in TEXT_ATTACKS.values():
         make(0.5, "l2", True)(text_adapter, batch)
     assert all(p.grad is None for p in text_adapter.parameters())
+
+
+def test_budgets_written_as_fractions():
+    """``eps: 8/255`` as the literature writes it (YAML reads it as a string) is the float 8/255."""
+    threat = ThreatModel(eps="8/255", alpha="2 / 255")
+    assert (threat.eps, threat.alpha) == (8 / 255, 2 / 255)
+    assert build_attack({"name": "pgd", "eps": "4/255", "steps": 3}, threat).eps == 4 / 255
+    for bad in ("8/0", "eight/255", "8/255/2"):
+        with pytest.raises(ValidationError):
+            ThreatModel(eps=bad)

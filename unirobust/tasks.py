@@ -51,6 +51,20 @@ class ThreatModel(Strict):
     steps: int = Field(default=10, ge=1)
     relative: bool = False
 
+    @field_validator("eps", "alpha", mode="before")
+    @classmethod
+    def _fractions(cls, value: Any) -> Any:
+        return fraction(value)
+
+
+_FRACTION = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*/\s*(\d+(?:\.\d*)?)\s*$")
+
+
+def fraction(value: Any) -> Any:
+    """A budget written as the field writes it, ``8/255``, as its float; anything else unchanged."""
+    m = _FRACTION.match(value) if isinstance(value, str) else None
+    return float(m[1]) / float(m[2]) if m and float(m[2]) else value
+
 
 class DataSource(Strict):
     """Where the examples come from; ``loader`` names an entry of the loader registry."""

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 from ..registry import ATTACKS
+from ..tasks import fraction
 
 THREAT_KEYS = ("norm", "eps", "alpha", "steps", "relative")
 
@@ -15,7 +16,7 @@ def build_attack(spec: dict[str, Any], threat=None):
     ``threat`` (the task's default threat model) when the attack has them. A spec that names another
     norm than the task's must give its own ``eps`` (an Linf radius is no L2 radius); ``cw-l2``
     minimises L2 distance but is projected onto the task's ball, so it takes the task's norm."""
-    spec = dict(spec)
+    spec = {k: fraction(v) if k in ("eps", "alpha") else v for k, v in spec.items()}  # eps: 8/255
     name = spec.pop("name")
     cls = ATTACKS.get(name)
     fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
