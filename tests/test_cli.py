@@ -299,3 +299,35 @@ def test_model_spec_is_built_from_the_recipe_seed():
 
     assert torch.equal(weights(), weights())
     assert torch.equal(weights("seed=3"), weights("seed=3")) and not torch.equal(weights(), weights("seed=3"))
+
+
+def test_first_examples_missing_classes_are_recorded_with_the_results(capsys, tmp_path):
+    """A test split sorted by class and ``--max-examples`` that sees only its first class: the
+    warning is in eval.json and, for a run, in metrics.json and report.md, not only the console."""
+    import json
+
+    import numpy as np
+    import yaml
+
+    images = np.random.default_rng(0).integers(0, 256, (12, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "train.npz", images=images, labels=np.arange(12) % 3)
+    np.savez(tmp_path / "test.npz", images=images, labels=np.repeat(np.arange(3), 4))  # sorted by class
+    (tmp_path / "sorted.yaml").write_text(yaml.safe_dump({
+        "modality": "vision", "labels": list("abc"), "image_shape": [1, 8, 8], "threat": {"eps": 0.1},
+        "source": {"loader": "npz", "path": str(tmp_path), "splits": {"train": "train.npz", "test": "test.npz"}}}))
+    task = str(tmp_path / "sorted.yaml")
+    out = tmp_path / "eval.json"
+    assert run_main(capsys, "eval", "timm:test_resnet", "--task", task, "--attack", "fgsm", "--max-examples", "4",
+                    "--output", str(out), "eval.check_examples=0")[0] == 0
+    assert "miss 2 of the split's classes" in json.loads(out.read_text())["data_warning"]
+    assert run_main(capsys, "eval", "timm:test_resnet", "--task", task, "--attack", "fgsm", "--max-examples", "12",
+                    "--output", str(out), "eval.check_examples=0")[0] == 0
+    assert "data_warning" not in json.loads(out.read_text())
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "sorted", "output_dir": str(tmp_path / "runs"), "task": {"name": task},
+                                      "model": {"spec": "timm:test_resnet"}, "train": {"epochs": 0},
+                                      "eval": {"max_examples": 4, "check_examples": 0, "attacks": [{"name": "fgsm"}]}}))
+    assert run_main(capsys, "run", str(recipe))[0] == 0
+    run = tmp_path / "runs" / "sorted"
+    assert "miss 2 of the split's classes" in json.loads((run / "metrics.json").read_text())["eval"]["data_warning"]
+    assert "**Evaluation set:** the first 4 examples miss 2" in (run / "report.md").read_text()

@@ -105,7 +105,7 @@ def load_target(args):
 
 def cmd_eval(args) -> int:
     from .report import atomic_write, environment, metrics_table, word_attack_table
-    from .runs import build_attacks, first_examples
+    from .runs import build_attacks, coverage_warning, first_examples
     from .tasks import load_task
 
     from accelerate.utils import set_seed
@@ -122,8 +122,9 @@ def cmd_eval(args) -> int:
         raise
     task = recipe.resolved_task
     attacks = build_attacks(recipe.eval.attacks, task.threat)
-    data = first_examples(load_task(task, seed=recipe.seed).split(args.split or recipe.eval.split),
-                          args.max_examples or recipe.eval.max_examples)
+    whole = load_task(task, seed=recipe.seed).split(args.split or recipe.eval.split)
+    limit = args.max_examples or recipe.eval.max_examples
+    data = first_examples(whole, limit)
     from .evaluate import evaluate
 
     from .train import make_accelerator
@@ -145,6 +146,8 @@ def cmd_eval(args) -> int:
                        threat=task.threat, check_examples=recipe.eval.check_examples, out_dir=results)
     metrics.update({"task": task.name, "seed": recipe.seed, "threat": task.threat.model_dump(mode="json", exclude_none=True),
                     "environment": environment()})  # evaluate records each attack's parameters
+    if coverage_warning(whole, limit):
+        metrics["data_warning"] = coverage_warning(whole, limit)
     advglue = None
     if args.advglue:
         from .advglue import run_advglue_eval

@@ -147,6 +147,8 @@ def write_report(run_dir: Path, name: str, metrics: dict) -> None:
     extras = extras_markdown(ev)
     if extras:
         lines += [extras, ""]
+    if ev.get("data_warning"):
+        lines += [f"**Evaluation set:** {ev['data_warning']}.", ""]
     if "warnings" in ev:
         lines += ["## Gradient-masking checks", ""]
         lines += [f"- {w}" for w in ev["warnings"]] or ["No warnings (randomness, softmax outputs, zero gradients, "

@@ -48,18 +48,29 @@ class LogToFile:
 
 def first_examples(split, limit: int | None):
     """The first ``limit`` examples of an evaluation split (all of them when ``limit`` is None).
-    Warns when they miss classes the split has (a split sorted by class, as animal-mnist's is)."""
+    Warns when they miss classes the split has (see :func:`coverage_warning`)."""
     if not limit or limit >= len(split):
         return split
-    head = split.select(range(limit))
+    warning = coverage_warning(split, limit)
+    if warning:
+        log.warning(warning)
+    return split.select(range(limit))
+
+
+def coverage_warning(split, limit: int | None) -> str | None:
+    """A sentence when the first ``limit`` examples miss classes the split has (a split sorted by
+    class, as animal-mnist's is); results record it (``eval.data_warning``) and the report shows it."""
+    if not limit or limit >= len(split):
+        return None
     try:
-        missing = set(labels_of(split).tolist()) - set(labels_of(head).tolist())
+        labels = labels_of(split)
+        missing = set(labels.tolist()) - set(labels[:limit].tolist())
     except (KeyError, ValueError):  # a split without labels
-        missing = set()
-    if missing:
-        log.warning("the first %d examples miss %d of the split's classes (is it sorted by class?); "
-                    "task.max_eval=%d takes a seeded class-balanced sample instead", limit, len(missing), limit)
-    return head
+        return None
+    if not missing:
+        return None
+    return (f"the first {limit} examples miss {len(missing)} of the split's classes (is it sorted by class?); "
+            f"task.max_eval={limit} takes a seeded class-balanced sample instead")
 
 
 def build_attacks(configs: list[AttackConfig], threat) -> dict:
@@ -123,6 +134,9 @@ def execute(recipe: Recipe, resume: bool = False, train: bool = True, evaluate_a
 
             metrics["eval"].update(evaluate_extras(recipe, adapter, split, accelerator))
             ev = metrics["eval"]
+            note = coverage_warning(data.split(recipe.eval.split), recipe.eval.max_examples)
+            if note:
+                ev["data_warning"] = note
             if attacked(ev):
                 log.info("clean accuracy %.4f, robust accuracy %.4f on %d examples", ev["clean_accuracy"],
                          ev["robust_accuracy"], ev["n"])
