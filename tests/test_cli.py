@@ -331,3 +331,45 @@ def test_first_examples_missing_classes_are_recorded_with_the_results(capsys, tm
     run = tmp_path / "runs" / "sorted"
     assert "miss 2 of the split's classes" in json.loads((run / "metrics.json").read_text())["eval"]["data_warning"]
     assert "**Evaluation set:** the first 4 examples miss 2" in (run / "report.md").read_text()
+
+
+def test_eval_of_a_run_reproduces_its_own_metrics(capsys, tmp_path):
+    """The run's evaluation and `unirobust eval <run>` start their random attacks from the same seed:
+    the same robust accuracy (the run evaluated with whatever RNG state training left behind)."""
+    import json
+
+    import yaml
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "again", "output_dir": str(tmp_path / "runs"), "task": {"name": "digits", "max_train": 64},
+        "model": {"spec": "timm:test_resnet"}, "train": {"epochs": 1, "batch_size": 32, "lr": 0.01},
+        "eval": {"max_examples": 64, "check_examples": 0,
+                 "attacks": [{"name": "random-search", "eps": 0.3, "n_queries": 10}]}}))
+    assert run_main(capsys, "run", str(recipe))[0] == 0
+    run = tmp_path / "runs" / "again"
+    ran = json.loads((run / "metrics.json").read_text())["eval"]
+    assert run_main(capsys, "eval", str(run))[0] == 0
+    again = json.loads((run / "eval.json").read_text())
+    assert 0 < again["robust_accuracy"] < again["clean_accuracy"] or again["clean_accuracy"] == 0
+    assert (again["clean_accuracy"], again["robust_accuracy"]) == (ran["clean_accuracy"], ran["robust_accuracy"])
+
+
+def test_fresh_start_and_resume_without_checkpoint_clear_earlier_results(capsys, tmp_path):
+    """Results of the folder's earlier model (eval.json, evaluations on other tasks, per-attack and
+    word-attack records) must not sit next to a model trained from the start, --resume or not."""
+    import yaml
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "fresh", "output_dir": str(tmp_path / "runs"), "task": {"name": "digits", "max_train": 32},
+        "model": {"spec": "timm:test_resnet"}, "train": {"epochs": 1, "batch_size": 32},
+        "eval": {"max_examples": 16, "check_examples": 0, "attacks": [{"name": "fgsm"}]}}))
+    run = tmp_path / "runs" / "fresh"
+    for argv in (["run", str(recipe)], ["run", str(recipe), "--resume"]):
+        for stale in ("eval.json", "on-other/eval.json", "attacks/textfooler/summary.json"):
+            (run / stale).parent.mkdir(parents=True, exist_ok=True)
+            (run / stale).write_text("{}")
+        assert run_main(capsys, *argv)[0] == 0
+        assert not (run / "eval.json").exists() and not (run / "on-other").exists()
+        assert not (run / "attacks/textfooler").exists() and (run / "metrics.json").exists()

@@ -104,15 +104,16 @@ def execute(recipe: Recipe, resume: bool = False, train: bool = True, evaluate_a
         # options) comes before the folder is touched: a failed start leaves the earlier run whole
         if train:
             check_batch_split(recipe, accelerator)
-        if train and resume and (ckpt := latest_checkpoint(run_dir)) is not None:
+        ckpt = latest_checkpoint(run_dir) if train and resume else None
+        if ckpt is not None:
             resumable_state(recipe, ckpt)
         data = load_task(task, seed=recipe.seed)
         adapter = build_model(recipe.model.spec, task, ensemble=recipe.model.ensemble, **recipe.model.options)
-        if train and not resume:  # an earlier run's results and checkpoints must not pass for this one's
-            if main:
+        if train and ckpt is None:  # a fresh start (--resume without a checkpoint too): an earlier run's
+            if main:                # results and checkpoints must not pass for this one's
                 for name in RESULTS:
                     (run_dir / name).unlink(missing_ok=True)
-                for other in run_dir.glob("on-*"):  # its evaluations on other tasks (eval --task)
+                for other in [*run_dir.glob("on-*"), run_dir / "attacks"]:  # other tasks, per-attack records
                     shutil.rmtree(other, ignore_errors=True)
             clear_checkpoints(accelerator, run_dir)  # also when nothing is trained (train.epochs=0)
         if main:
@@ -127,6 +128,7 @@ def execute(recipe: Recipe, resume: bool = False, train: bool = True, evaluate_a
         if evaluate_after:
             split = first_examples(data.split(recipe.eval.split), recipe.eval.max_examples)
             attacks = build_attacks(recipe.eval.attacks, task.threat)
+            set_seed(recipe.seed)  # as `unirobust eval` seeds: the same random starts, the same numbers
             metrics["eval"] = evaluate(adapter, split, attacks, accelerator, recipe.eval.batch_size,
                                        task.labels, desc=f"eval {recipe.name}", threat=task.threat,
                                        check_examples=recipe.eval.check_examples, out_dir=run_dir)
