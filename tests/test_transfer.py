@@ -202,6 +202,31 @@ def test_transfer_matrix_2x2_diagonal_is_white_box(pair, test_set):
     assert again["matrix"] == res["matrix"]
 
 
+def test_a_cell_does_not_depend_on_the_rest_of_the_matrix(pair, test_set):
+    """Random starts of one surrogate's attack come from its own seeded stream: the A -> B cell is
+    the same alone, beside other surrogates and targets, and after other random numbers were drawn
+    (loading models does); another seed gives other starts."""
+    data = as_dataset(test_set)
+    attack = build_attack({"name": "pgd", "eps": 0.15, "steps": 1, "alpha": 0.15})  # one step from a random start
+    alone = transfer_matrix({"A": pair["A"]}, {"B": pair["B"]}, data, attack, batch_size=32)["matrix"]["A"]["B"]
+    torch.rand(1000)
+    crowded = transfer_matrix({"B": pair["B"], "A": pair["A"]}, {"A": pair["A"], "B": pair["B"]}, data, attack,
+                              batch_size=32)
+    assert crowded["matrix"]["A"]["B"] == alone
+    others = {transfer_matrix({"A": pair["A"]}, {"B": pair["B"]}, data, attack, batch_size=32, seed=k)["matrix"]["A"]["B"]
+              for k in range(1, 6)}
+    assert others != {alone}  # the seed reaches the attack
+
+
+def test_member_rows_sit_under_their_ensemble(pair, test_set):
+    data = as_dataset(test_set)
+    res = transfer_matrix({"A": pair["A"]}, {"B": pair["B"], "ens": EnsembleAdapter([pair["A"], pair["B"]])},
+                          data, MIFGSM(eps=0.1, steps=2), batch_size=32)
+    row = next(line for line in transfer_table(res).splitlines() if "members of ens" in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "" and " / " in cells[2]  # columns: B, ens
+
+
 def test_transfer_matrix_restores_modes_even_when_an_attack_fails(pair, test_set):
     def broken(model, batch):
         raise RuntimeError("attack failed")
@@ -401,12 +426,16 @@ def test_surrogates_of_another_task_or_layout_are_refused_or_skipped(tmp_path, b
             "verbalizer": {"negative": ["bad"], "positive": ["good"]}}}})
     vision, _, _ = make_run(tmp_path / "runs" / "digits", {"name": "digits", "task": {"name": "digits"},
                                                            "model": {"spec": "timm:test_resnet"}})
+    short, _, _ = make_run(tmp_path / "runs" / "short", {**text, "name": "short", "model": {
+        "spec": f"hf:{folder}", "options": {"max_length": 16}}})  # the same tokenizer, truncated earlier
     assert main(["transfer", "--surrogates", str(vision), "--targets", str(run), "--max-examples", "4"]) == 2
     assert main(["transfer", "--surrogates", str(prompt), "--targets", str(run), "--max-examples", "4"]) == 2
+    assert main(["transfer", "--surrogates", str(short), "--targets", str(run), "--max-examples", "4"]) == 2
     raw = json.loads(json.dumps(recipe.model_dump(mode="json")))
-    raw["eval"]["transfer"] = {"surrogates": [str(prompt), str(vision)], "max_examples": 4}
+    raw["eval"]["transfer"] = {"surrogates": [str(prompt), str(vision), str(short)], "max_examples": 4}
     data = load_task(recipe.resolved_task).test.select(range(4))
     with caplog.at_level("WARNING", logger="unirobust.transfer_eval"):
         out = evaluate_extras(validate(raw), adapter, data, None)
-    assert out["transfer_skipped"] == [str(prompt), str(vision)] and "transfer" not in out
+    assert out["transfer_skipped"] == [str(prompt), str(vision), str(short)] and "transfer" not in out
     assert "lays out its input" in caplog.text and "was trained on 'digits'" in caplog.text
+    assert "reads at most 16 tokens" in caplog.text and "one model.options.max_length" in caplog.text

@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +54,17 @@ def _check_same_tokens(batches: dict[int, dict], names: dict[int, str]) -> None:
         ids = b.get("input_ids")
         if (ref is None) != (ids is None) or (ids is not None and (ids.shape != ref.shape or not torch.equal(ids, ref))):
             raise ValueError(f"{names[key]!r} and {names[ref_key]!r} tokenize differently; a text perturbation "
-                             "transfers only between models that share one tokenizer")
+                             "transfers only between models that share one tokenizer and max_length")
+
+
+def _attack_seed(seed: int, surrogate: str, batch_start: int) -> int:
+    """The seed of one surrogate's attack on one batch: its random starts do not depend on which other
+    surrogates or targets share the matrix, nor on what ran before (loading models draws numbers)."""
+    return zlib.crc32(f"{seed}:{surrogate}:{batch_start}".encode())
 
 
 def transfer_matrix(surrogates: dict[str, Any], targets: dict[str, Any], dataset, attack, accelerator=None,
-                    batch_size: int = 64, threat=None, desc: str = "transfer") -> dict:
+                    batch_size: int = 64, threat=None, desc: str = "transfer", seed: int = 0) -> dict:
     """Robust accuracy of every target on attacks crafted on every surrogate.
 
     ``surrogates`` / ``targets``: name -> adapter (an :class:`EnsembleAdapter` is one surrogate; CWA
@@ -66,7 +73,9 @@ def transfer_matrix(surrogates: dict[str, Any], targets: dict[str, Any], dataset
     bound the transferred point. With an ``accelerator`` the examples are split across processes and
     the counts summed. Returns ``{"n", "clean", "matrix", "member_accuracy", "white_box", "seconds"}``.
     A cell counts the examples the target classifies correctly both clean and under the transferred
-    attack; ``member_accuracy`` counts the same per member of an ensemble target.
+    attack; ``member_accuracy`` counts the same per member of an ensemble target. Each surrogate's
+    attack on each batch draws its random numbers from its own ``seed``-derived stream, so a cell is
+    the same whatever else is in the matrix.
     """
     threat = threat or attack
     adapters = {**{id(a): a for a in surrogates.values()}, **{id(a): a for a in targets.values()}}
@@ -95,7 +104,10 @@ def transfer_matrix(surrogates: dict[str, Any], targets: dict[str, Any], dataset
                 clean[t] += float(correct[t].sum())
             for s, sa in surrogates.items():
                 sb = batches[id(sa)]
-                z_adv = attack(sa, sb).detach()
+                device = _device_of(sa)
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    torch.manual_seed(_attack_seed(seed, s, indices[lo]))
+                    z_adv = attack(sa, sb).detach()
                 delta = z_adv - z0[id(sa)]
                 with torch.no_grad():
                     for t, ta in targets.items():
@@ -153,10 +165,11 @@ def member_adapters(ensemble: EnsembleAdapter, prefix: str = "member") -> dict[s
 
 
 def member_matrix(ensemble: EnsembleAdapter, dataset, attack, accelerator=None, batch_size: int = 64,
-                  threat=None) -> dict:
+                  threat=None, seed: int = 0) -> dict:
     """Member-to-member transfer inside an ensemble; the diagonal is each member's white-box accuracy."""
     members = member_adapters(ensemble)
-    return transfer_matrix(members, members, dataset, attack, accelerator, batch_size, threat, desc="members")
+    return transfer_matrix(members, members, dataset, attack, accelerator, batch_size, threat, desc="members",
+                           seed=seed)
 
 
 # ----------------------------------------------------------------------------- tables
@@ -176,9 +189,9 @@ def transfer_table(result: dict, title: str = "") -> str:
     for s in result["surrogates"]:
         lines.append(f"| {s} | " + " | ".join(_pct(result["matrix"][s][t]) for t in targets) + " |")
     for s, row in result.get("member_accuracy", {}).items():
-        for t, accs in row.items():
-            lines.append(f"| {s} -> members of {t} | " + " / ".join(_pct(a) for a in accs) + " |"
-                         + " |" * (len(targets) - 1))
+        for t, accs in row.items():  # the members' accuracies under their ensemble's column
+            cells = [" / ".join(_pct(a) for a in accs) if other == t else "" for other in targets]
+            lines.append(f"| {s} -> members of {t} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -228,6 +241,13 @@ def check_transferable(models: dict[str, Any]) -> None:
                                  f"models of one task")
     if first.modality == "text":
         check_one_text_layout(list(models.values()), names, what="model")
+        for name in names[1:]:  # each model collates on its own: one truncation, one token per position
+            got, want = [(getattr(m, "max_length", None), getattr(m, "pad_multiple", None))
+                         for m in (models[name], first)]
+            if got != want:
+                raise ModelSpecError(f"{name} reads at most {got[0]} tokens (padded to multiples of {got[1]}), "
+                                     f"{names[0]} {want[0]} (of {want[1]}): a text perturbation is per token "
+                                     f"position, so transfer needs one model.options.max_length")
 
 
 def evaluate_extras(recipe, adapter, dataset, accelerator=None) -> dict:
@@ -251,7 +271,8 @@ def evaluate_extras(recipe, adapter, dataset, accelerator=None) -> dict:
     device = accelerator.device if accelerator is not None else _device_of(adapter)
     out: dict[str, Any] = {}
     if is_ensemble(adapter) and (cfg is None or cfg.members):
-        out["members"] = {title: member_matrix(adapter, dataset, attack, accelerator, recipe.eval.batch_size)
+        out["members"] = {title: member_matrix(adapter, dataset, attack, accelerator, recipe.eval.batch_size,
+                                               seed=recipe.seed)
                           for title, attack in attacks.items()}
     missing = [s for s in (cfg.surrogates if cfg else []) if not all(
         (Path(p) / "model.safetensors").exists() for p in s.split("+") if p)]
@@ -272,7 +293,7 @@ def evaluate_extras(recipe, adapter, dataset, accelerator=None) -> dict:
         out["transfer_skipped"] = missing
     if surrogates:
         out["transfer"] = {title: transfer_matrix(surrogates, {recipe.name: adapter}, dataset, attack, accelerator,
-                                                  recipe.eval.batch_size)
+                                                  recipe.eval.batch_size, seed=recipe.seed)
                            for title, attack in attacks.items()}
     return out
 
@@ -306,8 +327,6 @@ def cmd_transfer(args) -> int:
     from .tasks import load_task
     from .train import make_accelerator
 
-    from accelerate.utils import set_seed
-
     from .recipe import RecipeError
 
     recipe, first = load_run(args.targets[0])
@@ -318,7 +337,6 @@ def cmd_transfer(args) -> int:
         raise RecipeError(f"unirobust transfer runs continuous attacks; {', '.join(words)} "
                           f"substitutes words (use unirobust attack)")
     accelerator = make_accelerator(recipe)
-    set_seed(recipe.seed)  # random starts: the same numbers on every call
     device = accelerator.device
     targets = {t: first.to(device) if i == 0 else load_surrogate(t, device, task)  # every target reads targets[0]'s data
                for i, t in enumerate(args.targets)}
@@ -329,9 +347,9 @@ def cmd_transfer(args) -> int:
     batch_size = args.batch_size or recipe.eval.batch_size
     results = {}
     for title, attack in attacks.items():
-        res = transfer_matrix(surrogates, targets, data, attack, accelerator, batch_size)
+        res = transfer_matrix(surrogates, targets, data, attack, accelerator, batch_size, seed=recipe.seed)
         if args.members:
-            res["members"] = {t: member_matrix(a, data, attack, accelerator, batch_size)
+            res["members"] = {t: member_matrix(a, data, attack, accelerator, batch_size, seed=recipe.seed)
                               for t, a in targets.items() if isinstance(a, EnsembleAdapter)}
         results[title] = res
     if accelerator.is_main_process:
