@@ -79,3 +79,34 @@ def test_plot_draws_no_robust_bar_where_no_attack_ran(tmp_path, monkeypatch):
     assert plot_clean_robust(tmp_path / "s.png", "s", bars) and (tmp_path / "s.png").exists()
     clean, robust = heights
     assert clean == [0.9, 0.8] and robust[1] == 0.4 and robust[0] != robust[0]  # NaN: no bar
+
+
+def test_a_one_class_model_is_flagged_not_ranked_robust(tmp_path):
+    """A model that gives every example one class scores that class's share as 'robust' accuracy: the
+    evaluation says so, and a study table marks the row; a dataset that is itself one-sided is not flagged."""
+    import torch
+
+    from unirobust.evaluate import evaluate, one_class_warning
+    from unirobust.report import metrics_table
+    from unirobust.train import make_accelerator
+
+    labels = torch.arange(40) % 2
+    warning = one_class_warning(torch.ones(40, dtype=torch.long), labels, ["negative", "positive"])
+    assert "predicts 'positive' for 40 of 40 clean examples (100%; the class is 50% of them)" in warning
+    assert one_class_warning(labels.clone(), labels) is None                       # both classes predicted
+    assert one_class_warning(torch.ones(40, dtype=torch.long), torch.ones(40, dtype=torch.long)) is None
+    assert one_class_warning(torch.ones(10, dtype=torch.long), torch.arange(10) % 2) is None  # too few to tell
+
+    class Constant(torch.nn.Module):
+        def forward(self, x):
+            return torch.tensor([0.0, 1.0]).expand(len(x), 2)
+
+    from unirobust.models.vision import VisionAdapter
+
+    data = [{"image": torch.rand(1, 4, 4).numpy(), "label": i % 2} for i in range(40)]
+    ev = evaluate(VisionAdapter(Constant(), 2), data, {}, make_accelerator(), batch_size=16, class_names=["a", "b"],
+                  check_examples=0)
+    assert "predicts 'b' for 40 of 40" in ev["prediction_warning"]
+    assert "| run ⚠ |" in metrics_table({"run": ev})
+    write_report(tmp_path, "run", {"eval": ev})
+    assert "**⚠ Predictions:** the model predicts 'b'" in (tmp_path / "report.md").read_text()

@@ -65,19 +65,24 @@ def evaluate(adapter, dataset, attacks: dict[str, object], accelerator, batch_si
         loader = accelerator.prepare_data_loader(
             DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=adapter.collate))
         names = list(attacks)
-        flags, labels = [], []
+        flags, labels, preds = [], [], []
         start = time.time()
         first = None
         for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True):
             first = batch if first is None else first
-            stages, _ = cascade(model, batch, list(attacks.values()))
-            stages, y = accelerator.gather_for_metrics((stages.T.contiguous(), batch["labels"]))
+            stages, pred = cascade(model, batch, list(attacks.values()))
+            stages, y, pred = accelerator.gather_for_metrics((stages.T.contiguous(), batch["labels"], pred))
             flags.append(stages.cpu())
             labels.append(y.cpu())
+            preds.append(pred.cpu())
         flags = torch.cat(flags).float() if flags else torch.zeros(0, len(names) + 1)
         labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
         metrics = summarise(flags, labels, names, class_names, time.time() - start)
         metrics["attacks"] = parameters
+        one_class = one_class_warning(torch.cat(preds) if preds else labels, labels, class_names)
+        if one_class:
+            log.warning(one_class)
+            metrics["prediction_warning"] = one_class
         if threat is not None and check_examples and first is not None and accelerator.is_main_process:
             from .checks import run_checks
 
@@ -109,6 +114,24 @@ def run_word_attacks(adapter, dataset, attacks: dict, accelerator, out_dir=None)
         log.info("%s: accuracy under attack %.4f, success rate %s on %d examples", name,
                  out[name]["accuracy_under_attack"] or 0.0, out[name]["attack_success_rate"], n)
     return out
+
+
+def one_class_warning(preds: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str] | None = None,
+                      share: float = 0.95) -> str | None:
+    """A sentence when the model gives one class to at least ``share`` of 20 or more examples whose
+    labels are not that one-sided: a collapsed model (common in adversarial training at small scale)
+    whose robust accuracy is that class's share of the data, not robustness."""
+    n = len(preds)
+    if n < 20:
+        return None
+    top, count = torch.mode(preds).values.item(), int((preds == torch.mode(preds).values).sum())
+    label_share = float((labels == top).float().mean())
+    if count / n < share or label_share >= share:
+        return None
+    name = class_names[top] if class_names and top < len(class_names) else str(top)
+    return (f"the model predicts {name!r} for {count} of {n} clean examples ({100 * count / n:.0f}%; the class is "
+            f"{100 * label_share:.0f}% of them): a one-class model, whose robust accuracy is that class's share, "
+            f"not robustness")
 
 
 def summarise(flags: torch.Tensor, labels: torch.Tensor, attack_names: list[str],

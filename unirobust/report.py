@@ -120,7 +120,8 @@ def metrics_table(rows: dict[str, dict], tasks: dict[str, str] | None = None) ->
         where = [tasks[name], str(m["n"])] if tasks else []
         word = [pct(m.get("word_attacks", {}).get(w, {}).get("accuracy_under_attack")) for w in words]
         robust = [pct(m["robust_accuracy"]), pct(m.get("worst_class_robust_accuracy"))] if attacked(m) else ["—", "—"]
-        lines.append("| " + " | ".join([name, *where, pct(m["clean_accuracy"]), *robust, stages or "—", *word]) + " |")
+        flagged = name + (" ⚠" if m.get("prediction_warning") else "")  # a one-class model
+        lines.append("| " + " | ".join([flagged, *where, pct(m["clean_accuracy"]), *robust, stages or "—", *word]) + " |")
     return "\n".join(lines)
 
 
@@ -149,6 +150,8 @@ def write_report(run_dir: Path, name: str, metrics: dict) -> None:
         lines += [extras, ""]
     if ev.get("data_warning"):
         lines += [f"**Evaluation set:** {ev['data_warning']}.", ""]
+    if ev.get("prediction_warning"):
+        lines += [f"**⚠ Predictions:** {ev['prediction_warning']}.", ""]
     if "warnings" in ev:
         lines += ["## Gradient-masking checks", ""]
         lines += [f"- {w}" for w in ev["warnings"]] or ["No warnings (randomness, softmax outputs, zero gradients, "
@@ -220,6 +223,9 @@ def write_summary(root: Path, results: dict[str, dict], tasks: dict[str, str]) -
     """``root/summary.md`` for the variants of one recipe (a study): the metrics table, each run's
     task, and a clean-vs-robust bar chart of all runs (``summary.png``). Returns the summary path."""
     lines = [f"# {root.name}", "", metrics_table(results, tasks)]
+    flagged = [f"- ⚠ {name}: {ev['prediction_warning']}." for name, ev in results.items() if ev.get("prediction_warning")]
+    if flagged:
+        lines += ["", *flagged]
     short = {name: Path(task).stem if task.endswith((".yaml", ".yml")) else task for name, task in tasks.items()}
     bars = {f"{name.split('/', 1)[-1]} ({short[name]})": ev for name, ev in results.items()}  # a task file: its stem
     if plot_clean_robust(root / "summary.png", f"{root.name}: clean vs robust accuracy", bars):
