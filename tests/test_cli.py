@@ -229,6 +229,8 @@ def test_usage_errors_of_overrides_and_word_attacks_return_2(capsys, tmp_path):
     assert code == 2 and "not a word-substitution attack" in err
     code, _, err = run_main(capsys, "attack", str(tmp_path / "no-run"), "--attack", "pwwz")
     assert code == 2 and "unknown attack 'pwwz'" in err
+    code, _, err = run_main(capsys, "attack", str(tmp_path / "no-run"), "--attack", "textfooler:max_candidate=5")
+    assert code == 2 and "textfooler has no parameter max_candidate; its parameters: antonyms," in err
     for n in ("0", "-1"):
         with pytest.raises(SystemExit) as exc:
             main(["attack", str(tmp_path / "no-run"), "--n", n])
@@ -373,3 +375,21 @@ def test_fresh_start_and_resume_without_checkpoint_clear_earlier_results(capsys,
         assert run_main(capsys, *argv)[0] == 0
         assert not (run / "eval.json").exists() and not (run / "on-other").exists()
         assert not (run / "attacks/textfooler").exists() and (run / "metrics.json").exists()
+
+
+def test_loading_a_trained_text_run_does_not_ask_to_train_it(tmp_path, capfd, make_run):
+    """The packaged MiniLM has no classifier: building it says "newly initialized ... TRAIN this model",
+    which is wrong for a run whose trained weights load next. Loading a run keeps transformers quiet."""
+    from unirobust.runs import load_run
+
+    spec = {"name": "txt", "task": {"name": "sst2-sample"},
+            "model": {"spec": "hf:sentence-transformers/all-MiniLM-L6-v2", "options": {"max_length": 16}}}
+    run, _, _ = make_run(tmp_path / "txt", spec)
+    capfd.readouterr()
+    load_run(run)
+    assert "newly initialized" not in capfd.readouterr().err
+    from unirobust.models.base import build_from_config
+    from unirobust.recipe import validate
+
+    build_from_config(validate(spec).model, validate(spec).resolved_task)  # a new model: the warning stands
+    assert "newly initialized" in capfd.readouterr().err

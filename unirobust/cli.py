@@ -144,7 +144,8 @@ def cmd_eval(args) -> int:
     set_seed(recipe.seed)  # random starts and restarts: the same numbers on every call
     metrics = evaluate(adapter, data, attacks, accelerator, batch_size, task.labels,
                        threat=task.threat, check_examples=recipe.eval.check_examples, out_dir=results)
-    metrics.update({"task": task.name, "seed": recipe.seed, "threat": task.threat.model_dump(mode="json", exclude_none=True),
+    metrics.update({"task": task.name, "split": args.split or recipe.eval.split, "max_examples": limit,
+                    "seed": recipe.seed, "threat": task.threat.model_dump(mode="json", exclude_none=True),
                     "environment": environment()})  # evaluate records each attack's parameters
     if coverage_warning(whole, limit):
         metrics["data_warning"] = coverage_warning(whole, limit)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -217,7 +218,28 @@ def load_run(run_dir: str | Path, overrides: list[str] = ()):
     recipe = validate(applied, f"run {run_dir}")
     if trained is not None:
         check_same_outputs(trained, recipe.resolved_task, run_dir)
-    adapter = build_model(recipe.model.spec, recipe.resolved_task, ensemble=recipe.model.ensemble,
-                          **recipe.model.options)
+    with _trained_weights_follow(recipe.resolved_task.modality):
+        adapter = build_model(recipe.model.spec, recipe.resolved_task, ensemble=recipe.model.ensemble,
+                              **recipe.model.options)
     load_weights(adapter, weights)
     return recipe, adapter.eval()
+
+
+@contextlib.contextmanager
+def _trained_weights_follow(modality: str):
+    """Quiets transformers while a run's model is built: its "newly initialized ... You should probably
+    TRAIN this model" warning is wrong when the run's trained weights are loaded right after."""
+    if modality != "text":
+        yield
+        return
+    from .compat import ensure_torchvision
+
+    ensure_torchvision()
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)

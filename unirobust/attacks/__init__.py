@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Any
 
 from ..registry import ATTACKS
@@ -19,7 +20,7 @@ def build_attack(spec: dict[str, Any], threat=None):
     spec = {k: fraction(v) if k in ("eps", "alpha") else v for k, v in spec.items()}  # eps: 8/255
     name = spec.pop("name")
     cls = ATTACKS.get(name)
-    fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    fields = _fields_of(cls)
     given = set(spec)
     unknown = sorted(given - fields) if fields else []
     if unknown:
@@ -41,6 +42,16 @@ def build_attack(spec: dict[str, Any], threat=None):
             if key in fields and key not in spec and value is not None:
                 spec[key] = value
     return cls(**spec)
+
+
+def _fields_of(cls) -> set[str]:
+    """The parameters of an attack class, or of the class a preset function returns (``pwws``)."""
+    if not dataclasses.is_dataclass(cls):
+        try:
+            cls = typing.get_type_hints(cls).get("return")
+        except (TypeError, NameError):
+            return set()
+    return {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
 
 
 def attack_parameters(attack) -> dict[str, Any]:
