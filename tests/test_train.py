@@ -82,6 +82,28 @@ def test_resume_after_crash_ends_with_same_weights(tmp_path, monkeypatch):
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
 
 
+def test_last_step_is_checkpointed_so_resume_of_a_finished_run_trains_nothing(tmp_path, caplog):
+    """6 steps, a checkpoint every 4: the last step is saved too, so --resume after the run finished (or
+    crashed in its evaluation) evaluates the same model instead of training steps 5-6 again."""
+    from unirobust.recipe import load_recipes
+    from unirobust.runs import execute
+
+    recipe_file = write_recipe(tmp_path / "tiny.yaml", task={"name": "digits", "max_train": 64, "max_eval": 32},
+                               train={"epochs": 3, "batch_size": 32, "lr": 0.003, "checkpoint_every": 4})
+    recipe = load_recipes(recipe_file, [f"output_dir={tmp_path}", "eval.check_examples=0"])[0]
+    first = execute(recipe)
+    run_dir = tmp_path / "tiny"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_4", "step_6"]
+    weights = load_file(run_dir / "model.safetensors")
+    with caplog.at_level("INFO", logger="unirobust"):
+        again = execute(recipe, resume=True)
+    assert "resumed from" in caplog.text and "(step 6 of 6)" in caplog.text
+    assert again["train"]["history"] == first["train"]["history"] and again["processes"] == 1
+    assert again["eval"]["robust_accuracy"] == first["eval"]["robust_accuracy"]
+    for k, v in load_file(run_dir / "model.safetensors").items():
+        assert torch.equal(v, weights[k])
+
+
 def test_checkpoints_ignore_half_written_folders(tmp_path):
     from unirobust.train import checkpoints, latest_checkpoint
 

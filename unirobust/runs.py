@@ -119,7 +119,8 @@ def execute(recipe: Recipe, resume: bool = False, train: bool = True, evaluate_a
             clear_checkpoints(accelerator, run_dir)  # also when nothing is trained (train.epochs=0)
         if main:
             atomic_write(run_dir / "recipe.yaml", recipe.to_yaml())
-        metrics = {"name": recipe.name, "seed": recipe.seed, "split": recipe.eval.split, "environment": environment()}
+        metrics = {"name": recipe.name, "seed": recipe.seed, "split": recipe.eval.split,
+                   "processes": accelerator.num_processes, "environment": environment()}
         if train and (recipe.train.epochs or recipe.train.max_steps):
             metrics["train"] = fit(recipe, adapter, data.train, accelerator, run_dir, resume=resume,
                                    monitor_set=data.validation)

@@ -268,6 +268,11 @@ def fit(recipe: Recipe, adapter, train_set, accelerator, run_dir: Path, resume: 
         step, history, elapsed = state["step"], state.get("history", []), state.get("seconds", 0.0)
         carried = state.get("epoch_sums")
         log.info("resumed from %s (step %d of %d)", ckpt, step, total)
+        if state.get("processes", accelerator.num_processes) != accelerator.num_processes:
+            log.warning("--resume: %s was written by %d process(es), this run has %d: batches are split "
+                        "differently from here on, so the result matches neither an uninterrupted run on %d nor "
+                        "on %d", ckpt, state["processes"], accelerator.num_processes, state["processes"],
+                        accelerator.num_processes)
     if monitor is not None:  # its memory of earlier epochs, for the overfitting rule
         for entry in history:
             monitor.pgd_history.append(entry["monitor_pgd_accuracy"])
@@ -332,10 +337,11 @@ def fit(recipe: Recipe, adapter, train_set, accelerator, run_dir: Path, resume: 
                 step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{out['loss'].item():.3f}", epoch=epoch)
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step >= total):  # and the last
                     save_checkpoint(accelerator, run_dir, step, {
                         "recipe_hash": fingerprint, "history": history, "seconds": time.time() - start,
-                        "epoch_sums": epoch_sums(accelerator, sums, stats)})
+                        "epoch_sums": epoch_sums(accelerator, sums, stats),
+                        "processes": accelerator.num_processes})
                 if step >= total:
                     break
         close_epoch(epoch, sums, stats)
