@@ -205,6 +205,11 @@ def test_eval_of_a_run_on_another_task_writes_beside_its_own_evaluation(tmp_path
     assert result["task"] == "digits-copy" and result["threat"]["eps"] == 0.2 and result["n"] == 16
     code, _, _ = run_main(capsys, "eval", str(run), "--attack", "fgsm", "task.max_eval=16")
     assert code == 0 and json.loads((run / "eval.json").read_text())["task"] == "digits"
+    other.update(name="digits-big", image_shape=[1, 16, 16])  # the same labels: only the images differ
+    (tmp_path / "tasks" / "digits-big.yaml").write_text(yaml.safe_dump(other))
+    code, _, err = run_main(capsys, "eval", str(run), "--task", "digits-big", "--attack", "fgsm")
+    assert code == 2 and "differs from 'digits-big' in image_shape ([1, 8, 8] vs [1, 16, 16]" in err
+    assert "labels" not in err.split("differs from")[1]
 
 
 def test_eval_attacks_are_checked_against_the_task_before_anything_runs(tmp_path, capsys, make_run):

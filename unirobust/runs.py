@@ -190,16 +190,19 @@ def _on_another_task(raw: dict, trained: Task, name: str, overrides: list[str]) 
 
 def check_same_outputs(trained: Task, now: Task, run_dir: Path) -> None:
     """A model trained on ``trained`` reads ``now``'s examples and names its classes the same way."""
-    def shape(t: Task):
-        return (t.modality, [label.lower() for label in t.labels],
-                len(t.text_fields) if t.modality == "text" else list(t.image_shape or []))
-
-    if shape(trained) != shape(now):
-        raise RecipeError(f"the run {run_dir} was trained on {trained.name!r} ({trained.modality}, labels "
-                          f"{trained.labels}{'' if trained.modality == 'text' else f', images {trained.image_shape}'}); "
-                          f"{now.name!r} is {now.modality} with labels {now.labels}"
-                          f"{'' if now.modality == 'text' else f', images {now.image_shape}'}: "
-                          f"evaluate on a task with the same classes (override task.labels if only names differ)")
+    differ = []
+    if trained.modality != now.modality:
+        differ.append(f"modality ({trained.modality} vs {now.modality})")
+    elif [label.lower() for label in trained.labels] != [label.lower() for label in now.labels]:
+        differ.append(f"labels ({trained.labels} vs {now.labels}; override task.labels if only names differ)")
+    if trained.modality == now.modality == "text" and len(trained.text_fields) != len(now.text_fields):
+        differ.append(f"text fields ({trained.text_fields} vs {now.text_fields})")
+    if trained.modality == now.modality == "vision" and list(trained.image_shape) != list(now.image_shape):
+        differ.append(f"image_shape ({trained.image_shape} vs {now.image_shape}; task.image_shape=[...] resizes "
+                      f"image files, not arrays)")
+    if differ:
+        raise RecipeError(f"the run {run_dir} was trained on {trained.name!r}, which differs from {now.name!r} in "
+                          f"{'; '.join(differ)}: evaluate on a task with the same inputs and classes")
 
 
 def load_run(run_dir: str | Path, overrides: list[str] = ()):
