@@ -98,7 +98,7 @@ def test_run_folder_with_another_task_name_reads_that_task(tmp_path, monkeypatch
         load_run(run, ["task.name=digits-reversed"])
     bigger = dict(other, name="digits-big", image_shape=[1, 16, 16])
     (tmp_path / "tasks" / "digits-big.yaml").write_text(yaml.safe_dump(bigger))
-    with pytest.raises(RecipeError, match="images"):
+    with pytest.raises(RecipeError, match="in image_shape"):
         load_run(run, ["task.name=digits-big"])
 
 
