@@ -370,6 +370,17 @@ def test_evaluate_extras_members_and_missing_surrogate(tmp_path, caplog):
                                      "eval": {"attacks": [{"name": "fgsm"}]}}), adapter.members[0], data) == {}
 
 
+def test_eval_of_an_ensemble_run_reports_its_members(tmp_path, capsys):
+    """`unirobust eval <ensemble run>` adds the member matrix as the run's own evaluation does."""
+    from unirobust.cli import main
+
+    run = _fake_run(tmp_path, "ens", 0, ensemble=2)
+    assert main(["eval", str(run), "--attack", "fgsm", "--max-examples", "8", "eval.check_examples=0"]) == 0
+    assert "## Ensemble members under fgsm" in capsys.readouterr().out
+    result = json.loads((run / "eval.json").read_text())
+    assert set(result["members"]["fgsm"]["matrix"]) == {"member0", "member1"} and result["members"]["fgsm"]["n"] == 8
+
+
 def test_word_attacks_are_left_to_evaluate_not_to_the_matrices(tmp_path, bert_config, tokenizer, make_run):
     """``eval.attacks: [pgd, pwws]`` on a text ensemble: the member matrix is measured under the
     continuous attack only (a word attack is not a function of the embeddings: it crashed the end of

@@ -149,6 +149,9 @@ def cmd_eval(args) -> int:
                     "environment": environment()})  # evaluate records each attack's parameters
     if coverage_warning(whole, limit):
         metrics["data_warning"] = coverage_warning(whole, limit)
+    from .transfer_eval import evaluate_extras, extras_markdown
+
+    metrics.update(evaluate_extras(recipe, adapter, data, accelerator))  # an ensemble's members, eval.transfer
     advglue = None
     if args.advglue:
         from .advglue import run_advglue_eval
@@ -157,6 +160,8 @@ def cmd_eval(args) -> int:
         metrics["advglue"] = {k: v for k, v in advglue.items() if k != "markdown"}
     if accelerator.is_main_process:
         print("\n" + metrics_table({str(args.target): metrics}))
+        if extras_markdown(metrics):
+            print("\n" + extras_markdown(metrics))
         if metrics.get("word_attacks"):
             print("\n" + word_attack_table(metrics["word_attacks"]))
         if advglue:
