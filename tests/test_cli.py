@@ -398,3 +398,25 @@ def test_loading_a_trained_text_run_does_not_ask_to_train_it(tmp_path, capfd, ma
 
     build_from_config(validate(spec).model, validate(spec).resolved_task)  # a new model: the warning stands
     assert "newly initialized" in capfd.readouterr().err
+
+
+def test_every_variant_is_checked_before_the_first_runs(capsys, tmp_path):
+    """A batch that does not split over `launch`'s processes is refused once, before any process starts;
+    a study whose second variant holds a checkpoint of another recipe is refused before the first
+    variant is resumed and re-evaluated."""
+    import yaml
+
+    raw = {"name": "st", "output_dir": str(tmp_path / "runs"), "task": {"name": "digits", "max_train": 32},
+           "model": {"spec": "timm:test_resnet"}, "train": {"epochs": 1, "batch_size": 16, "checkpoint_every": 1},
+           "eval": {"max_examples": 8, "check_examples": 0, "attacks": [{"name": "fgsm"}]},
+           "variants": [{"name": "a"}, {"name": "b", "seed": 1}]}
+    recipe = tmp_path / "st.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    code, _, err = run_main(capsys, "launch", "--multi_gpu", "--num_processes", "3", "--", "run", str(recipe))
+    assert code == 2 and "train.batch_size 16 must be divisible by 3 processes" in err
+    assert not (tmp_path / "runs").exists()
+    assert run_main(capsys, "run", str(recipe))[0] == 0
+    first = (tmp_path / "runs" / "st" / "a" / "metrics.json").read_text()
+    code, _, err = run_main(capsys, "run", str(recipe), "--resume", "variants.1.train.lr=0.5")
+    assert code == 2 and "another recipe" in err and "st/b" in err
+    assert (tmp_path / "runs" / "st" / "a" / "metrics.json").read_text() == first  # variant a was not re-run

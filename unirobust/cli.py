@@ -51,14 +51,15 @@ def cmd_run(args, evaluate_after: bool = True) -> int:
     from .report import metrics_table, word_attack_table, write_summary
     from .runs import execute
 
+    from accelerate import PartialState
+
     recipes = load_recipes(args.recipe, args.overrides)
+    check_can_start(recipes, PartialState().num_processes, args.resume)
     results = {}
     for recipe in recipes:
         metrics = execute(recipe, resume=args.resume, evaluate_after=evaluate_after)
         if "eval" in metrics:
             results[recipe.name] = metrics["eval"]
-    from accelerate import PartialState
-
     if results and PartialState().is_main_process:
         tasks = {r.name: r.resolved_task.name for r in recipes} if len(recipes) > 1 else None
         print("\n" + metrics_table(results, tasks))
@@ -68,6 +69,20 @@ def cmd_run(args, evaluate_after: bool = True) -> int:
             root = Path(recipes[0].output_dir) / recipes[0].name.split("/")[0]
             print(f"\nsummary: {write_summary(root, results, tasks)}")
     return 0
+
+
+def check_can_start(recipes, num_processes: int, resume: bool) -> None:
+    """What refuses a run that does not depend on the others runs first, for every variant: a study
+    does not stop at its third run for a batch that does not split or a checkpoint of another recipe."""
+    from types import SimpleNamespace
+
+    from .runs import run_dir_of
+    from .train import check_batch_split, latest_checkpoint, resumable_state
+
+    for recipe in recipes:
+        check_batch_split(recipe, SimpleNamespace(num_processes=num_processes))
+        if resume and (ckpt := latest_checkpoint(run_dir_of(recipe))) is not None:
+            resumable_state(recipe, ckpt)
 
 
 def results_folder(target: Path, task_name: str) -> Path | None:
@@ -278,10 +293,23 @@ def cmd_launch(args) -> int:
     if (parsed.num_processes or 1) > 1 and not (parsed.multi_gpu or parsed.use_deepspeed or parsed.use_fsdp):
         log.warning("--num_processes %d without --multi_gpu: accelerate starts one process; add --multi_gpu "
                     "(on CPU it runs the processes with the gloo backend)", parsed.num_processes)
+    inner = parse_with_late_overrides(build_parser(), command)
+    if inner.command in ("run", "train"):  # a recipe error once, here, not once per process
+        from .recipe import load_recipes
+
+        processes = (parsed.num_processes or 1) if parsed.multi_gpu or parsed.use_deepspeed or parsed.use_fsdp else 1
+        check_can_start(load_recipes(inner.recipe, inner.overrides), processes, inner.resume)
     try:
         launch_command(parsed)
     except subprocess.CalledProcessError as err:  # the command has printed its own error
         return err.returncode
+    except Exception as err:  # torch elastic's ChildFailedError: each process printed its own error
+        if type(err).__name__ != "ChildFailedError":
+            raise
+        codes = [f.exitcode for f in getattr(err, "failures", {}).values()]
+        print(f"unirobust launch: {len(codes) or 'a'} process(es) failed (exit codes {codes}); their errors "
+              f"are above", file=sys.stderr)
+        return next((c for c in codes if c), 1)
     return 0
 
 
