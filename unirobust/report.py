@@ -128,7 +128,7 @@ def metrics_table(rows: dict[str, dict], tasks: dict[str, str] | None = None) ->
 def word_attack_table(summaries: dict[str, dict]) -> str:
     """Markdown table: one row per word attack (success rate, accuracy under attack, cost)."""
     lines = ["| attack | n | clean % | accuracy under attack % | success rate % | words perturbed % | "
-             "queries / example | s / example |", "|---|---|---|---|---|---|---|---|"]
+             "queries / example | s / example (per process) |", "|---|---|---|---|---|---|---|---|"]
     for name, m in summaries.items():
         lines.append(f"| {name} | {m['n']} | {pct(m['clean_accuracy'])} | {pct(m['accuracy_under_attack'])} | "
                      f"{pct(m['attack_success_rate'])} | {pct(m['mean_perturbed_fraction'])} | "
