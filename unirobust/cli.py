@@ -72,8 +72,9 @@ def cmd_run(args, evaluate_after: bool = True) -> int:
 
 
 def check_can_start(recipes, num_processes: int, resume: bool) -> None:
-    """What refuses a run that does not depend on the others runs first, for every variant: a study
-    does not stop at its third run for a batch that does not split or a checkpoint of another recipe."""
+    """The checks that can refuse a run before anything runs (batch split, resumed checkpoint), for every
+    variant first: a study does not stop at its third run for a batch that does not split over the
+    processes or a checkpoint of another recipe."""
     from types import SimpleNamespace
 
     from .runs import run_dir_of
@@ -162,8 +163,9 @@ def cmd_eval(args) -> int:
     metrics.update({"task": task.name, "split": args.split or recipe.eval.split, "max_examples": limit,
                     "seed": recipe.seed, "threat": task.threat.model_dump(mode="json", exclude_none=True),
                     "environment": environment()})  # evaluate records each attack's parameters
-    if coverage_warning(whole, limit):
-        metrics["data_warning"] = coverage_warning(whole, limit)
+    note = coverage_warning(whole, limit)
+    if note:
+        metrics["data_warning"] = note
     from .transfer_eval import evaluate_extras, extras_markdown
 
     metrics.update(evaluate_extras(recipe, adapter, data, accelerator))  # an ensemble's members, eval.transfer

@@ -124,7 +124,9 @@ def one_class_warning(preds: torch.Tensor, labels: torch.Tensor, class_names: Se
     n = len(preds)
     if n < 20:
         return None
-    top, count = torch.mode(preds).values.item(), int((preds == torch.mode(preds).values).sum())
+    counts = torch.bincount(preds)
+    top = int(counts.argmax())
+    count = int(counts[top])
     label_share = float((labels == top).float().mean())
     if count / n < share or label_share >= share:
         return None
