@@ -382,22 +382,41 @@ def test_fresh_start_and_resume_without_checkpoint_clear_earlier_results(capsys,
         assert not (run / "attacks/textfooler").exists() and (run / "metrics.json").exists()
 
 
-def test_loading_a_trained_text_run_does_not_ask_to_train_it(tmp_path, capfd, make_run):
+def test_loading_a_trained_text_run_does_not_ask_to_train_it(tmp_path, make_run):
     """The packaged MiniLM has no classifier: building it says "newly initialized ... TRAIN this model",
     which is wrong for a run whose trained weights load next. Loading a run keeps transformers quiet."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from unirobust.models.base import build_from_config
+    from unirobust.recipe import validate
     from unirobust.runs import load_run
+
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
 
     spec = {"name": "txt", "task": {"name": "sst2-sample"},
             "model": {"spec": "hf:sentence-transformers/all-MiniLM-L6-v2", "options": {"max_length": 16}}}
     run, _, _ = make_run(tmp_path / "txt", spec)
-    capfd.readouterr()
-    load_run(run)
-    assert "newly initialized" not in capfd.readouterr().err
-    from unirobust.models.base import build_from_config
-    from unirobust.recipe import validate
-
-    build_from_config(validate(spec).model, validate(spec).resolved_task)  # a new model: the warning stands
-    assert "newly initialized" in capfd.readouterr().err
+    collect, root = Collect(), logging.getLogger("transformers")
+    root.addHandler(collect)
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()  # whatever other tests left
+    try:
+        load_run(run)
+        assert not any("newly initialized" in m for m in collect.messages)
+        assert hf_logging.get_verbosity() == hf_logging.WARNING  # restored
+        build_from_config(validate(spec).model, validate(spec).resolved_task)  # a new model: the warning stands
+        assert any("newly initialized" in m for m in collect.messages)
+    finally:
+        root.removeHandler(collect)
+        hf_logging.set_verbosity(level)
 
 
 def test_every_variant_is_checked_before_the_first_runs(capsys, tmp_path):

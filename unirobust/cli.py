@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,15 +52,17 @@ def cmd_run(args, evaluate_after: bool = True) -> int:
     from .report import metrics_table, word_attack_table, write_summary
     from .runs import execute
 
-    from accelerate import PartialState
-
     recipes = load_recipes(args.recipe, args.overrides)
-    check_can_start(recipes, PartialState().num_processes, args.resume)
+    # the process count as `launch` sets it: a PartialState made before execute's accelerator would
+    # take the distributed setup from it
+    check_can_start(recipes, int(os.environ.get("WORLD_SIZE", "1")), args.resume)
     results = {}
     for recipe in recipes:
         metrics = execute(recipe, resume=args.resume, evaluate_after=evaluate_after)
         if "eval" in metrics:
             results[recipe.name] = metrics["eval"]
+    from accelerate import PartialState
+
     if results and PartialState().is_main_process:
         tasks = {r.name: r.resolved_task.name for r in recipes} if len(recipes) > 1 else None
         print("\n" + metrics_table(results, tasks))
