@@ -90,11 +90,12 @@ def test_run_folder_with_another_task_name_reads_that_task(tmp_path, monkeypatch
     moved, _ = load_run(run, ["task.name=digits-other", "task.max_eval=9"])
     task = moved.resolved_task
     assert (task.name, task.threat.eps, task.source.seed, task.max_eval) == ("digits-other", 0.2, 7, 9)
-    with pytest.raises(RecipeError, match="trained on 'digits', which differs from 'sst2-sample' in modality \(vision vs text\)"):
+    with pytest.raises(RecipeError, match=r"trained on 'digits', which differs from 'sst2-sample' in modality "
+                                          r"\(vision vs text\)"):
         load_run(run, ["task.name=sst2-sample"])
     reversed_labels = dict(other, name="digits-reversed", labels=list(reversed(other["labels"])))
     (tmp_path / "tasks" / "digits-reversed.yaml").write_text(yaml.safe_dump(reversed_labels))
-    with pytest.raises(RecipeError, match="differs from .digits-reversed. in labels"):  # same count, classes in another order
+    with pytest.raises(RecipeError, match="differs from .digits-reversed. in labels"):  # same count, other order
         load_run(run, ["task.name=digits-reversed"])
     bigger = dict(other, name="digits-big", image_shape=[1, 16, 16])
     (tmp_path / "tasks" / "digits-big.yaml").write_text(yaml.safe_dump(bigger))

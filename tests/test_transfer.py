@@ -213,8 +213,8 @@ def test_a_cell_does_not_depend_on_the_rest_of_the_matrix(pair, test_set):
     crowded = transfer_matrix({"B": pair["B"], "A": pair["A"]}, {"A": pair["A"], "B": pair["B"]}, data, attack,
                               batch_size=32)
     assert crowded["matrix"]["A"]["B"] == alone
-    others = {transfer_matrix({"A": pair["A"]}, {"B": pair["B"]}, data, attack, batch_size=32, seed=k)["matrix"]["A"]["B"]
-              for k in range(1, 6)}
+    others = {transfer_matrix({"A": pair["A"]}, {"B": pair["B"]}, data, attack, batch_size=32,
+                              seed=k)["matrix"]["A"]["B"] for k in range(1, 6)}
     assert others != {alone}  # the seed reaches the attack
 
 

@@ -121,7 +121,8 @@ def metrics_table(rows: dict[str, dict], tasks: dict[str, str] | None = None) ->
         word = [pct(m.get("word_attacks", {}).get(w, {}).get("accuracy_under_attack")) for w in words]
         robust = [pct(m["robust_accuracy"]), pct(m.get("worst_class_robust_accuracy"))] if attacked(m) else ["—", "—"]
         flagged = name + (" ⚠" if m.get("prediction_warning") else "")  # a one-class model
-        lines.append("| " + " | ".join([flagged, *where, pct(m["clean_accuracy"]), *robust, stages or "—", *word]) + " |")
+        cells = [flagged, *where, pct(m["clean_accuracy"]), *robust, stages or "—", *word]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -223,7 +224,8 @@ def write_summary(root: Path, results: dict[str, dict], tasks: dict[str, str]) -
     """``root/summary.md`` for the variants of one recipe (a study): the metrics table, each run's
     task, and a clean-vs-robust bar chart of all runs (``summary.png``). Returns the summary path."""
     lines = [f"# {root.name}", "", metrics_table(results, tasks)]
-    flagged = [f"- ⚠ {name}: {ev['prediction_warning']}." for name, ev in results.items() if ev.get("prediction_warning")]
+    flagged = [f"- ⚠ {name}: {ev['prediction_warning']}." for name, ev in results.items()
+               if ev.get("prediction_warning")]
     if flagged:
         lines += ["", *flagged]
     short = {name: Path(task).stem if task.endswith((".yaml", ".yml")) else task for name, task in tasks.items()}
