@@ -439,3 +439,14 @@ def test_every_variant_is_checked_before_the_first_runs(capsys, tmp_path):
     code, _, err = run_main(capsys, "run", str(recipe), "--resume", "variants.1.train.lr=0.5")
     assert code == 2 and "another recipe" in err and "st/b" in err
     assert (tmp_path / "runs" / "st" / "a" / "metrics.json").read_text() == first  # variant a was not re-run
+
+
+def test_a_run_that_cannot_start_says_why_in_its_log(capsys, tmp_path):
+    import yaml
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "bad", "output_dir": str(tmp_path / "runs"), "task": {"name": "digits"},
+                                      "model": {"spec": "timm:test_resnet", "options": {"drop_ratee": 0.1}}}))
+    assert run_main(capsys, "run", str(recipe))[0] != 0
+    log = (tmp_path / "runs" / "bad" / "log.txt").read_text()
+    assert "ERROR: stopped:" in log and "drop_ratee" in log

@@ -27,7 +27,8 @@ def run_dir_of(recipe: Recipe) -> Path:
 
 
 class LogToFile:
-    """Copies the ``unirobust`` log into ``path`` while the block runs."""
+    """Copies the ``unirobust`` log into ``path`` while the block runs (appending: a resumed run's log
+    continues), and the error that ended the block, if one did."""
 
     def __init__(self, path: Path):
         self.handler = logging.FileHandler(path)
@@ -41,7 +42,10 @@ class LogToFile:
         self.logger.addHandler(self.handler)
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
+        if exc is not None and isinstance(exc, Exception):  # why the run stopped, in its log (the console
+            self.handler.handle(logging.LogRecord(  # has it already, from the command's own error)
+                "unirobust", logging.ERROR, __file__, 0, "stopped: %s: %s", (exc_type.__name__, exc), None))
         self.logger.removeHandler(self.handler)
         self.logger.setLevel(self.level)
         self.handler.close()
