@@ -328,3 +328,18 @@ def test_override_slips_are_named(tmp_path):
     assert [r.name for r in load_recipes(path)] == ["cmp/a", "cmp/b"]
     assert [r.name for r in load_recipes(path, ["variants=null", "seed=5"])] == ["cmp"]
     assert [(r.name, r.seed) for r in load_recipes(path, ["variants.1.seed=4"])] == [("cmp/a", 0), ("cmp/b", 4)]
+
+
+def test_gradient_word_importance_on_a_prompt_head_is_refused_before_the_run(tmp_path):
+    """discrete-at's A2T ranks words by gradient, which a prompt head (its input rewritten by a
+    template) cannot give: the recipe is refused, not the first training step after the folder was cleared."""
+    prompt = {"spec": "hf:sentence-transformers/all-MiniLM-L6-v2",
+              "options": {"head": "prompt", "templates": ["{sentence} It was [MASK]."],
+                          "verbalizer": {"negative": ["terrible"], "positive": ["great"]}}}
+    raw = {"name": "p", "task": {"name": "sst2-sample"}, "model": prompt, "defense": {"name": "discrete-at"}}
+    with pytest.raises(RecipeError, match="defense.wir: gradient word importance needs a plain classifier head"):
+        load_recipes(write(tmp_path, raw))
+    assert load_recipes(write(tmp_path, dict(raw, defense={"name": "discrete-at", "attack": {"name": "a2t",
+                                                                                           "wir": "delete"}})))
+    with pytest.raises(RecipeError, match=r"eval.attacks.0.wir: gradient"):
+        load_recipes(write(tmp_path, dict(raw, defense={"name": "erm"}, eval={"attacks": [{"name": "a2t"}]})))

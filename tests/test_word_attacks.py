@@ -620,6 +620,27 @@ def test_cli_attack_command(tiny_text_run, capsys):
     assert "mlm=" in capsys.readouterr().err
     assert main(["attack", str(run_dir), "--textattack-recipe", "nosuch", "--n", "1"]) == 2
     assert "unknown TextAttack recipe 'nosuch'" in capsys.readouterr().err
+    assert main(["attack", str(run_dir), "--attack", "pwws:field=bogus", "--n", "1"]) == 2  # not a traceback
+    assert "field 'bogus' is not a text field of the model (sentence)" in capsys.readouterr().err
+
+
+def test_cli_attack_folders_of_model_specs_and_mlm_paths(tiny_text_run, tmp_path, monkeypatch):
+    """An attack spec with a path (bae:mlm=/a/b) is one folder; word attacks on two model specs
+    write beside each other instead of the second deleting the first's results."""
+    from unirobust.cli import slug
+
+    assert slug("bae_mlm-/tmp/my/mymlm") == "bae_mlm-_tmp_my_mymlm" and "/" not in slug("hf:/a/b-on-x")
+    from unirobust.cli import main
+
+    run_dir, _ = tiny_text_run
+    monkeypatch.chdir(tmp_path)
+    specs = ["hf:sentence-transformers/all-MiniLM-L6-v2", f"hf:{run_dir.parent.parent / 'tiny-bert'}"]
+    for spec in specs:
+        assert main(["attack", spec, "--task", "sst2-sample", "--attack", "deepwordbug", "--n", "2",
+                     "model.options.max_length=16"]) == 0
+    made = sorted(p.name for p in (tmp_path / "runs" / "attacks").iterdir())
+    assert made[0] == "hf_sentence-transformers_all-MiniLM-L6-v2-on-sst2-sample" and len(made) == len(specs)
+    assert (tmp_path / "runs" / "attacks" / made[0] / "deepwordbug" / "summary.json").exists()
 
 
 def test_advgen_writes_filtered_advglue_that_reloads(keyword_adapter, tmp_path):

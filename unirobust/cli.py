@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -224,6 +225,11 @@ def word_attack_of(text: str, **extra):
         raise RecipeError(f"attack {text!r}: {err}") from None
 
 
+def slug(text: str) -> str:
+    """``text`` as one safe folder name (a path or a model id inside an attack spec stays one folder)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_.") or "_"
+
+
 def cmd_attack(args) -> int:
     """Word-substitution attack (unirobust's engine, or any TextAttack recipe through the bridge)."""
     from .attacks.text.attack import run_word_attack
@@ -233,8 +239,16 @@ def cmd_attack(args) -> int:
     runner = None
     if not args.textattack_recipe:  # a wrong attack is reported before the model loads
         attack = word_attack_of(args.attack, **({"query_budget": args.query_budget} if args.query_budget else {}))
-        name = args.attack.replace(":", "_").replace(",", "_").replace("=", "-")
+        name = slug(args.attack.replace(":", "_").replace(",", "_").replace("=", "-"))  # mlm=/a/path: one folder
     recipe, adapter, examples = text_examples(args)
+    if not args.textattack_recipe:  # what the engine would refuse mid-run, refused now
+        fields = list(adapter.text_fields)
+        if attack.field and attack.field not in fields:
+            raise RecipeError(f"attack {args.attack!r}: field {attack.field!r} is not a text field of the model "
+                              f"({', '.join(fields)})")
+        if attack.wir == "gradient" and getattr(adapter, "templates", None) is not None:
+            raise RecipeError(f"attack {args.attack!r}: wir: gradient word importance needs a plain classifier "
+                              f"head; this model has a prompt head: use wir=delete or wir=unk")
     if args.textattack_recipe:
         from .attacks.text.bridge import AdapterWrapper, build_textattack_attack, run_textattack
 
@@ -249,7 +263,12 @@ def cmd_attack(args) -> int:
             run_textattack(adapter, examples, attack, store=store, progress=progress,  # store.todo(): this rank's share
                            seed=recipe.seed)
     target = Path(args.target)
-    out = Path(args.out) if args.out else (results_folder(target, recipe.resolved_task.name) or Path("runs")) / "attacks" / name
+    folder = results_folder(target, recipe.resolved_task.name)
+    if folder is None:  # a model spec: a folder of its own, so two models' results do not replace each other
+        base = Path("runs") / "attacks" / slug(f"{args.target}-on-{recipe.resolved_task.name}")
+    else:
+        base = folder / "attacks"
+    out = Path(args.out) if args.out else base / name
     accelerator = make_accelerator(recipe)
     adapter = adapter.to(accelerator.device).eval()
     summary = run_word_attack(adapter, examples, attack, out, accelerator, fresh=args.fresh,

@@ -202,6 +202,10 @@ class Recipe(Strict):
                                 f"{self._task.name!r} is vision")
             if hasattr(built, "check_task"):
                 attempt(prefix, built.check_task, self._task)
+            word = getattr(built, "attack", built) if prefix != "defense." or self.defense.attack is None else None
+            if getattr(word, "wir", None) == "gradient" and self.model.options.get("head") == "prompt":
+                problems.append(f"  {prefix}wir: gradient word importance needs a plain classifier head; with "
+                                f"model.options.head: prompt use wir: delete or unk (e.g. a2t:wir=delete)")
 
         if threat is not None:
             if self.defense.attack is not None:
