@@ -413,3 +413,17 @@ def test_timm_checkpoint_path_loads_weights_and_names_what_does_not_fit(digits_t
     torch.save(source.net, tmp_path / "whole.pth")
     with pytest.raises(ModelSpecError, match="whole.pth holds pickled objects"):
         build_model("timm:test_resnet", digits_task, checkpoint_path=str(tmp_path / "whole.pth"))
+
+
+def test_hf_folder_without_tokenizer_is_a_model_spec_error(tmp_path, bert_config):
+    """`model.save_pretrained(folder)` alone writes no tokenizer: a clean error that says how to add it
+    (it was a TypeError from deep inside AutoTokenizer)."""
+    from transformers import BertForSequenceClassification
+
+    from unirobust.models import build_model
+    from unirobust.models.base import ModelSpecError
+    from unirobust.tasks import get_task
+
+    BertForSequenceClassification(bert_config()).save_pretrained(tmp_path / "mine")
+    with pytest.raises(ModelSpecError, match=r"has no tokenizer files .*tokenizer.save_pretrained"):
+        build_model(f"hf:{tmp_path / 'mine'}", get_task("sst2-sample"))

@@ -8,6 +8,7 @@ segment embeddings itself, so it equals ``model(input_ids)``. The threat model i
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -139,9 +140,25 @@ def build_hf(name: str, task, max_length: int = 128, pretrained: bool = True, fe
 
     build = _head_builder(TEXT_HEADS, head)
     path = resolve_hf_model(name)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = _tokenizer_of(path, name)
     return build(path, task, tokenizer, pretrained=pretrained, max_length=max_length, feature_layer=feature_layer,
                  **kwargs)
+
+
+def _tokenizer_of(path: str, name: str):
+    """The model's tokenizer; a local folder saved without one (only ``config.json`` and weights, as
+    ``model.save_pretrained`` alone writes) is a :class:`ModelSpecError` that says how to add it."""
+    from transformers import AutoTokenizer
+
+    local = Path(path).expanduser()
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+             "sentencepiece.bpe.model")
+    if local.is_dir() and not any((local / f).exists() for f in names):
+        from .base import ModelSpecError
+
+        raise ModelSpecError(f"hf:{name}: the folder {local} has no tokenizer files ({', '.join(names[:3])}, ...); "
+                             f"save the tokenizer beside the model: tokenizer.save_pretrained('{local}')")
+    return AutoTokenizer.from_pretrained(path)
 
 
 def _build_classifier(path: str, task, tokenizer, pretrained: bool = True, max_length: int = 128,
