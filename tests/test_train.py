@@ -438,3 +438,21 @@ def test_image_files_train_the_same_with_loader_workers(tmp_path, monkeypatch):
     assert weights[0].keys() == weights[2].keys()
     for name in weights[0]:
         torch.testing.assert_close(weights[0][name], weights[2][name], rtol=0, atol=0)
+
+
+def test_monitor_on_a_task_with_one_held_out_split_warns_it_watches_the_test_set(tmp_path, caplog):
+    from unirobust.recipe import load_recipes
+    from unirobust.runs import execute
+    from unirobust.tasks import get_task, load_task
+
+    assert load_task(get_task("sst2-sample", {"max_eval": 8})).one_held_out  # dev is validation and test
+    assert not load_task(get_task("digits")).one_held_out
+    recipe_file = write_recipe(tmp_path / "tiny.yaml", task={"name": "digits", "max_train": 32, "max_eval": 16},
+                               train={"epochs": 1, "batch_size": 32, "monitor_examples": 8})
+    for holdout, warned in (({"validation": 0.2, "test": 0.2}, False), ({"validation": None, "test": 0.2}, True)):
+        caplog.clear()
+        recipe = load_recipes(recipe_file, [f"output_dir={tmp_path}", "eval.attacks=[]",
+                                            f"task.source.holdout={json.dumps(holdout)}"])[0]
+        with caplog.at_level("WARNING", logger="unirobust"):
+            execute(recipe, evaluate_after=False)
+        assert ("watches the test set" in caplog.text) == warned

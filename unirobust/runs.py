@@ -75,7 +75,7 @@ def coverage_warning(split, limit: int | None) -> str | None:
     if not missing:
         return None
     return (f"the first {limit} examples miss {len(missing)} of the split's classes (is it sorted by class?); "
-            f"task.max_eval={limit} takes a seeded class-balanced sample instead")
+            f"task.max_eval={limit} takes a seeded stratified sample instead")
 
 
 def build_attacks(configs: list[AttackConfig], threat) -> dict:
@@ -125,6 +125,10 @@ def execute(recipe: Recipe, resume: bool = False, train: bool = True, evaluate_a
             atomic_write(run_dir / "recipe.yaml", recipe.to_yaml())
         metrics = {"name": recipe.name, "seed": recipe.seed, "split": recipe.eval.split,
                    "processes": accelerator.num_processes, "environment": environment()}
+        if train and recipe.train.monitor_examples and data.one_held_out:
+            log.warning("task %s has one held-out split for validation and test: train.monitor_examples watches "
+                        "the test set (name a validation split, or carve one: task.source.holdout.validation=0.1)",
+                        task.name)
         if train and (recipe.train.epochs or recipe.train.max_steps):
             metrics["train"] = fit(recipe, adapter, data.train, accelerator, run_dir, resume=resume,
                                    monitor_set=data.validation)

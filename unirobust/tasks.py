@@ -327,6 +327,7 @@ class TaskData:
     train: Any
     validation: Any
     test: Any
+    one_held_out: bool = False  # validation and test are the same examples (the source gave one of them)
 
     def split(self, name: str):
         if name not in SPLITS:
@@ -443,6 +444,7 @@ def load_task(task: Task, seed: int = 0) -> TaskData:
         train=_shuffled_head(splits["train"], task.max_train, seed),
         validation=_shuffled_head(splits["validation"], task.max_eval, seed),
         test=_shuffled_head(splits["test"], task.max_eval, seed),
+        one_held_out=splits["validation"] is splits["test"],
     )
 
 
