@@ -450,3 +450,10 @@ def test_a_run_that_cannot_start_says_why_in_its_log(capsys, tmp_path):
     assert run_main(capsys, "run", str(recipe))[0] != 0
     log = (tmp_path / "runs" / "bad" / "log.txt").read_text()
     assert "ERROR: stopped:" in log and "drop_ratee" in log
+
+
+def test_advgen_thresholds_are_checked(capsys, tmp_path):
+    for flag, value, says in (("--min-similarity", "2", "a cosine"), ("--max-change", "-1", "a fraction")):
+        code, _, err = run_main(capsys, "advgen", str(tmp_path / "no-run"), "--out", str(tmp_path / "a.json"),
+                                flag, value)
+        assert code == 2 and says in err

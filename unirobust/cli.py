@@ -284,6 +284,10 @@ def cmd_advgen(args) -> int:
     from .advgen import advgen
     from .train import make_accelerator
 
+    if not -1 <= args.min_similarity <= 1:
+        raise RecipeError(f"--min-similarity {args.min_similarity}: a cosine, in [-1, 1]")
+    if not 0 < args.max_change <= 1:
+        raise RecipeError(f"--max-change {args.max_change}: a fraction of the words, in (0, 1]")
     recipe, adapter, examples = text_examples(args)
     attack = word_attack_of(args.attack)
     out = Path(args.out)
