@@ -401,6 +401,10 @@ def test_results_of_another_model_attack_or_example_list_are_redone(keyword_adap
     run_word_attack(keyword_adapter, NEGATIVE * 2, attack(source="chars", wir="unk", n=8, batch_size=3,
                                                          concurrency=2), out, progress=False)
     assert seen[-1] == []  # batching changes speed, not results: nothing is redone
+    fewer = run_word_attack(keyword_adapter, examples, spec, out, progress=False)  # a smaller n: a summary of 3 ...
+    assert fewer["n"] == 3 and len(read_jsonl(out / "results.jsonl")) == 8  # ... and the other 5 records kept
+    run_word_attack(keyword_adapter, NEGATIVE * 2, attack(source="chars", wir="unk", n=8), out, progress=False)
+    assert seen[-1] == []
     run_word_attack(keyword_adapter, examples, attack(source="chars", wir="unk", max_edit_distance=1), out,
                     progress=False)
     assert seen[-1] == [0, 1, 2]

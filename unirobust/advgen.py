@@ -34,7 +34,8 @@ def advgen(adapter, examples: list[dict], attack, out_path: str | Path, work_dir
               "kept": 0, "attack_summary": summary, "task": key}
     if accelerator is not None and not accelerator.is_main_process:
         return counts
-    wins = [r for r in read_jsonl(Path(work_dir) / "results.jsonl") if r.status == "success" and r.pred_after != r.label]
+    wins = [r for r in read_jsonl(Path(work_dir) / "results.jsonl")  # the folder may hold more (an earlier --n)
+            if r.index < len(examples) and r.status == "success" and r.pred_after != r.label]
     counts["successful"] = len(wins)
     small = [r for r in wins if r.perturbed_fraction <= max_change]
     counts["too_many_words_changed"] = len(wins) - len(small)

@@ -199,13 +199,14 @@ class ResultStore:
         return reason is not None
 
     def merge(self, n: int | None = None, extra: dict | None = None) -> dict:
-        """Write ``results.jsonl`` (records ``< n``, by index) and ``summary.json``; drop the parts.
-        Call on one process after every process has finished."""
+        """Write ``results.jsonl`` (every record, by index: a later run with a smaller ``n`` keeps the
+        work of a larger one) and ``summary.json`` (records ``< n``); drop the parts. Call on one
+        process after every process has finished."""
         from ...report import atomic_write
 
         done = self.finished()
+        atomic_write(self.results_path, "".join(done[i].to_json() + "\n" for i in sorted(done)))
         records = [done[i] for i in sorted(done) if n is None or i < n]
-        atomic_write(self.results_path, "".join(r.to_json() + "\n" for r in records))
         summary = {**summarise(records), **(extra or {})}
         atomic_write(self.root / "summary.json", json.dumps(summary, indent=2))
         for part in self.root.glob("part-*.jsonl"):
