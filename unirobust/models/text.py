@@ -136,8 +136,6 @@ def build_hf(name: str, task, max_length: int = 128, pretrained: bool = True, fe
     from ..offline import resolve_hf_model
 
     ensure_torchvision()  # transformers imports torchvision, whose PyPI build breaks next to CPU torch
-    from transformers import AutoTokenizer
-
     build = _head_builder(TEXT_HEADS, head)
     path = resolve_hf_model(name)
     tokenizer = _tokenizer_of(path, name)
