@@ -427,3 +427,24 @@ def test_hf_folder_without_tokenizer_is_a_model_spec_error(tmp_path, bert_config
     BertForSequenceClassification(bert_config()).save_pretrained(tmp_path / "mine")
     with pytest.raises(ModelSpecError, match=r"has no tokenizer files .*tokenizer.save_pretrained"):
         build_model(f"hf:{tmp_path / 'mine'}", get_task("sst2-sample"))
+
+
+def test_a_trained_head_with_default_label_names_is_kept_with_a_warning(tmp_path, bert_config, tokenizer, caplog):
+    """A fine-tuned checkpoint saved without id2label (LABEL_0, LABEL_1) keeps its head, read in the
+    task's order, and says so (its order cannot be checked); a bare encoder's new head says nothing."""
+    from transformers import BertForSequenceClassification
+
+    from unirobust.models import build_model
+    from unirobust.tasks import get_task
+
+    trained = BertForSequenceClassification(bert_config())
+    trained.save_pretrained(tmp_path / "mine")
+    tokenizer.save_pretrained(tmp_path / "mine")
+    with caplog.at_level("WARNING", logger="unirobust"):
+        adapter = build_model(f"hf:{tmp_path / 'mine'}", get_task("sst2-sample"))
+    assert "names its outputs LABEL_0, LABEL_1" in caplog.text
+    assert torch.equal(adapter.model.classifier.weight, trained.classifier.weight)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="unirobust"):
+        build_model("hf:sentence-transformers/all-MiniLM-L6-v2", get_task("sst2-sample"))
+    assert "names its outputs" not in caplog.text

@@ -180,8 +180,12 @@ def _build_classifier(path: str, task, tokenizer, pretrained: bool = True, max_l
             if own is not None:
                 log.warning("%s has a head for %d labels %s; the task has %d: the head is new (random)",
                             path, len(own), own, task.num_classes)
-            model = AutoModelForSequenceClassification.from_pretrained(path, **labels, ignore_mismatched_sizes=True,
-                                                                       **kwargs)
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, **labels, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs)
+            if own is None and not info["missing_keys"] and not info["mismatched_keys"]:  # a trained head, unnamed
+                log.warning("%s names its outputs LABEL_0, LABEL_1, ...: its head is kept and output i is read as "
+                            "the task's label i %s; if it was trained with another order, give the checkpoint "
+                            "config.id2label (or the task its labels in the checkpoint's order)", path, task.labels)
     else:
         model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(path, **labels, **kwargs))
     if freeze_embeddings:
@@ -209,8 +213,9 @@ def _align_label_order(model, own: list[str], wanted: list[str]) -> None:
     if sorted(key) != sorted(n.lower() for n in wanted):
         log.warning("the checkpoint's labels %s are not the task's %s: its outputs keep their order "
                     "(output i is read as the task's label i). If they name the same classes in another "
-                    "order, give the task the checkpoint's names in the task's order (task.labels=[...]) "
-                    "so that the outputs are reordered", own, wanted)
+                    "order, give the task the checkpoint's names in the task's order (task.labels=[...], when "
+                    "the data's labels are indices) or the checkpoint the task's names (config.json "
+                    "id2label, when the data's labels are names) so that the outputs are reordered", own, wanted)
         return
     order = [key.index(n.lower()) for n in wanted]
     if order == list(range(len(order))):
