@@ -205,7 +205,11 @@ def text_examples(args):
     task = recipe.resolved_task
     if task.modality != "text":
         raise RecipeError(f"word-substitution attacks need a text task; {task.name!r} is {task.modality}")
-    split = first_examples(load_task(task, seed=recipe.seed).split(args.split or recipe.eval.split), args.n)
+    split = load_task(task, seed=recipe.seed).split(args.split or recipe.eval.split)
+    if args.n and args.n > len(split):
+        log.warning("--n %d: the %s split has %d examples; all of them are attacked", args.n,
+                    args.split or recipe.eval.split, len(split))
+    split = first_examples(split, args.n)
     return recipe, adapter, [dict(split[i]) for i in range(len(split))]
 
 

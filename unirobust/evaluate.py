@@ -107,6 +107,9 @@ def run_word_attacks(adapter, dataset, attacks: dict, accelerator, out_dir=None)
     out = {}
     for name, attack in attacks.items():
         n = min(attack.n or len(dataset), len(dataset))
+        if attack.n and attack.n > len(dataset):
+            log.warning("%s: n=%d, but the evaluation has %d examples: all %d are attacked", name, attack.n,
+                        len(dataset), len(dataset))
         examples = [dict(dataset[i]) for i in range(n)]
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
         out[name] = run_word_attack(adapter, examples, attack, root / "attacks" / slug, accelerator,
