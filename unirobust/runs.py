@@ -239,8 +239,9 @@ def load_run(run_dir: str | Path, overrides: list[str] = ()):
 
 @contextlib.contextmanager
 def _trained_weights_follow(modality: str):
-    """Quiets transformers while a run's model is built: its "newly initialized ... You should probably
-    TRAIN this model" warning is wrong when the run's trained weights are loaded right after."""
+    """Quiets what is said about a text checkpoint's head while a run's model is built (transformers'
+    "newly initialized ... You should probably TRAIN this model", the builder's notes on the head's
+    label names): the run's trained weights replace that head right after."""
     if modality != "text":
         yield
         return
@@ -249,9 +250,12 @@ def _trained_weights_follow(modality: str):
     ensure_torchvision()
     from transformers.utils import logging as hf_logging
 
-    level = hf_logging.get_verbosity()
+    builder = logging.getLogger("unirobust.models.text")
+    level, own = hf_logging.get_verbosity(), builder.level
     hf_logging.set_verbosity_error()
+    builder.setLevel(logging.ERROR)
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
+        builder.setLevel(own)
