@@ -631,7 +631,7 @@ def test_cli_attack_command(tiny_text_run, capsys):
 def test_cli_attack_folders_of_model_specs_and_mlm_paths(tiny_text_run, tmp_path, monkeypatch):
     """An attack spec with a path (bae:mlm=/a/b) is one folder; word attacks on two model specs
     write beside each other instead of the second deleting the first's results."""
-    from unirobust.cli import slug
+    from unirobust.evaluate import slug
 
     assert slug("bae_mlm-/tmp/my/mymlm") == "bae_mlm-_tmp_my_mymlm" and "/" not in slug("hf:/a/b-on-x")
     from unirobust.cli import main

@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -229,14 +228,10 @@ def word_attack_of(text: str, **extra):
         raise RecipeError(f"attack {text!r}: {err}") from None
 
 
-def slug(text: str) -> str:
-    """``text`` as one safe folder name (a path or a model id inside an attack spec stays one folder)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_.") or "_"
-
-
 def cmd_attack(args) -> int:
     """Word-substitution attack (unirobust's engine, or any TextAttack recipe through the bridge)."""
     from .attacks.text.attack import run_word_attack
+    from .evaluate import slug
     from .report import word_attack_table
     from .train import make_accelerator
 

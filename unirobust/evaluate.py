@@ -8,6 +8,7 @@ falls as the list goes on. Flags are gathered across processes with ``gather_for
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Sequence
 
@@ -97,7 +98,6 @@ def evaluate(adapter, dataset, attacks: dict[str, object], accelerator, batch_si
 
 def run_word_attacks(adapter, dataset, attacks: dict, accelerator, out_dir=None) -> dict:
     """Summary per word attack on the first ``attack.n`` examples of ``dataset`` (all if unset)."""
-    import re
     import tempfile
     from pathlib import Path
 
@@ -111,12 +111,16 @@ def run_word_attacks(adapter, dataset, attacks: dict, accelerator, out_dir=None)
             log.warning("%s: n=%d, but the evaluation has %d examples: all %d are attacked", name, attack.n,
                         len(dataset), len(dataset))
         examples = [dict(dataset[i]) for i in range(n)]
-        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
-        out[name] = run_word_attack(adapter, examples, attack, root / "attacks" / slug, accelerator,
+        out[name] = run_word_attack(adapter, examples, attack, root / "attacks" / slug(name), accelerator,
                                     progress=accelerator.is_local_main_process)
         log.info("%s: accuracy under attack %.4f, success rate %s on %d examples", name,
                  out[name]["accuracy_under_attack"] or 0.0, out[name]["attack_success_rate"], n)
     return out
+
+
+def slug(text: str) -> str:
+    """``text`` as one safe folder name (an attack's title, a model id, a path inside an attack spec)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_.") or "_"
 
 
 def one_class_warning(preds: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str] | None = None,
