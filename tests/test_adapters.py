@@ -448,3 +448,13 @@ def test_a_trained_head_with_default_label_names_is_kept_with_a_warning(tmp_path
     with caplog.at_level("WARNING", logger="unirobust"):
         build_model("hf:sentence-transformers/all-MiniLM-L6-v2", get_task("sst2-sample"))
     assert "names its outputs" not in caplog.text
+
+
+def test_max_length_that_leaves_no_text_is_refused():
+    from unirobust.models import build_model
+    from unirobust.models.base import ModelSpecError
+    from unirobust.tasks import get_task
+
+    with pytest.raises(ModelSpecError, match="max_length 2 leaves no token for the text: the tokenizer adds 2"):
+        build_model("hf:sentence-transformers/all-MiniLM-L6-v2", get_task("sst2-sample"), max_length=2)
+    assert build_model("hf:sentence-transformers/all-MiniLM-L6-v2", get_task("sst2-sample"), max_length=4)

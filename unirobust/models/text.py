@@ -139,6 +139,12 @@ def build_hf(name: str, task, max_length: int = 128, pretrained: bool = True, fe
     build = _head_builder(TEXT_HEADS, head)
     path = resolve_hf_model(name)
     tokenizer = _tokenizer_of(path, name)
+    special = tokenizer.num_special_tokens_to_add(pair=len(task.text_fields) == 2)
+    if max_length <= special + len(task.text_fields):
+        from .base import ModelSpecError
+
+        raise ModelSpecError(f"model.options.max_length {max_length} leaves no token for the text: the tokenizer "
+                             f"adds {special} special tokens to each input of task {task.name!r}")
     return build(path, task, tokenizer, pretrained=pretrained, max_length=max_length, feature_layer=feature_layer,
                  **kwargs)
 
