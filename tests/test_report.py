@@ -107,6 +107,18 @@ def test_a_one_class_model_is_flagged_not_ranked_robust(tmp_path):
     ev = evaluate(VisionAdapter(Constant(), 2), data, {}, make_accelerator(), batch_size=16, class_names=["a", "b"],
                   check_examples=0)
     assert "predicts 'b' for 40 of 40" in ev["prediction_warning"]
+    from unirobust.tasks import ThreatModel
+
+    class AlwaysB(torch.nn.Module):  # differentiable, and class b whatever the image
+        def forward(self, x):
+            s = 10 + x.mean(dim=(1, 2, 3))
+            return torch.stack([torch.zeros_like(s), s], -1)
+
+    checked = evaluate(VisionAdapter(AlwaysB(), 2), data, {}, make_accelerator(), batch_size=16,
+                       threat=ThreatModel(eps=0.1), check_examples=16)
+    # its flat accuracy-vs-eps curve is the one class, not masked gradients: the checks say so first
+    assert len(checked["warnings"]) >= 2 and "eps monotonicity" in checked["warnings"][1]
+    assert checked["warnings"][0].startswith("the model gives one class to almost every example")
     assert "| run ⚠ |" in metrics_table({"run": ev})
     write_report(tmp_path, "run", {"eval": ev})
     assert "**⚠ Predictions:** the model predicts 'b'" in (tmp_path / "report.md").read_text()
