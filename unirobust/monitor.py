@@ -9,7 +9,7 @@ import logging
 import torch
 
 from .attacks.pgd import FGSM, PGD
-from .models.base import eval_mode
+from .models.base import eval_mode, forked_rng
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +51,7 @@ class RobustMonitor:
         # measure like evaluation: no dropout, no BatchNorm statistics updates; and on a forked RNG, so
         # that PGD's random starts do not shift training's random stream (switching the monitor on
         # must not change the model)
-        on_device = device.type != "cpu"  # the CPU generator is always forked; a GPU's (cuda, mps, xpu) when used
-        with eval_mode(adapter), torch.random.fork_rng(devices=[device] if on_device else [],
-                                                        device_type=device.type if on_device else "cuda"):
+        with eval_mode(adapter), forked_rng(device):
             pgd, fgsm = self.accuracy(adapter, self.pgd), self.accuracy(adapter, self.fgsm)
         self.pgd_history.append(pgd)
         self.fgsm_history.append(fgsm)

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .attacks import split_word_attacks
-from .models.base import ModelSpecError, eval_mode
+from .models.base import ModelSpecError, eval_mode, forked_rng
 from .models.ensemble import EnsembleAdapter, check_one_text_layout, is_ensemble
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,7 @@ def transfer_matrix(surrogates: dict[str, Any], targets: dict[str, Any], dataset
                 clean[t] += float(correct[t].sum())
             for s, sa in surrogates.items():
                 sb = batches[id(sa)]
-                device = _device_of(sa)
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                with forked_rng(_device_of(sa)):
                     torch.manual_seed(_attack_seed(seed, s, indices[lo]))
                     z_adv = attack(sa, sb).detach()
                 delta = z_adv - z0[id(sa)]

@@ -45,6 +45,14 @@ def eval_mode(module):
         module.train(was_training)
 
 
+def forked_rng(device: torch.device):
+    """``torch.random.fork_rng`` for work on ``device``: the CPU generator always, an accelerator's
+    (cuda, mps, xpu) when used; the caller's random stream is as it was after the block."""
+    on_device = device.type != "cpu"
+    return torch.random.fork_rng(devices=[device] if on_device else [],
+                                 device_type=device.type if on_device else "cuda")
+
+
 def unwrap(model: Any) -> Any:
     """The plain adapter behind a training view (attacks must not run through DDP)."""
     return getattr(model, "unwrapped", model)
