@@ -21,8 +21,12 @@ robustness; ``monitor.py`` detects it):
   (and at least one normal example) the loss adds
   ``lambda_aae * (m / n) * (lambda_aae_loss * mean_AAE(CE(z_start) - CE(z_adv))
                             + lambda_aae_variation * relu(mean_AAE ||Δlogits||² - mean_normal ||Δlogits||²))``
-  with ``Δlogits = f(z_adv) - f(z_start)``; the start terms and the normal examples' variation are
-  constants, as in the reference code. Defaults 1.0 / 4.0 / 1.5 (the reference code's lamda1-3).
+  with ``Δlogits = f(z_adv) - f(z_start)``. As in the reference code (``tmllab/2023_NeurIPS_AAER``,
+  which detaches both losses), the loss-drop term is a constant: it adds to the loss value, not to
+  its gradient, so the guard trains through the variation term alone (with a gradient through
+  ``CE(z_adv)`` the term would push the AAEs' adversarial loss up). The start logits
+  and the normal examples' variation are constants too. Defaults 1.0 / 4.0 / 1.5 (the reference
+  code's lamda1-3).
   Departures (our simplification): the paper's start is uniform in 2 x eps without projection and
   its step is warmed up over the first 5 epochs; here the start and step are FGSM-RS's
   (uniform in the ball, projected), with no warm-up. ``||Δlogits||²`` is a per-example squared L2
@@ -136,7 +140,7 @@ class FGSMAT:
                 stats["gradalign_cos_sum"] = float(cos[keep].detach().sum())
         elif self.guard == "aaer" and 0 < n_aae < len(labels):
             variation = (logits - start_logits).pow(2).sum(-1)
-            drop = (start_ce - ce)[aae].mean()
+            drop = (start_ce - ce.detach())[aae].mean()  # a constant, as in the reference code
             excess = F.relu(variation[aae].mean() - variation[~aae].mean().detach())
             reg = self.lambda_aae * (n_aae / len(labels)) * (self.lambda_aae_loss * drop
                                                               + self.lambda_aae_variation * excess)
