@@ -18,12 +18,18 @@ Defaults: K = 3 (``steps``); step = ``alpha`` x eps with ``alpha`` = 2.5 / K unl
 attack's own ``alpha`` / ``steps`` are not used); ``init`` = 1.0: start uniform in the ball (``init``
 scales the radius; 0 = zero start). Budget (``eps``, ``norm``, ``relative``) from ``attack`` (recipe
 ``defense.attack`` + task threat); the attack object is not called. All K passes run in the model's
-current (training) mode, dropout included, as in the paper.
+current (training) mode with *one* dropout mask per batch, as in the paper (its "FreeLB-syncdp"; the
+reference code passes the first pass's ``dp_masks`` to the others): every pass starts from the same
+random state, so the K gradients are of one sub-network; the random stream then moves on once per
+batch, as a single pass would move it.
 
 Departures: the ball is the adapter's (per token for text, per image for vision) instead of the
 paper's one L2 ball over the whole (sequence x hidden) perturbation, and its ``adv_init_mag`` /
 ``adv_lr`` / ``max_norm`` become ``init`` x radius / step / eps; the first K - 1 updates follow
-the paper (the last step's gradient is only used for the parameters). Works on pixels as well.
+the paper (the last step's gradient is only used for the parameters). For an Linf ball the step
+follows ``sign(grad)`` (as PGD) instead of the reference code's ``grad / ||grad||_inf``. The default
+step (2.5 / K of the radius, PGD's rule) is larger than the reference GLUE scripts' ``adv_lr`` /
+``max_norm`` (about 1/6); set ``alpha`` to match them. Works on pixels as well.
 Under DDP each of the K backward passes all-reduces (correct, but K x the communication; wrap the
 first K - 1 in ``no_sync`` to save it).
 
@@ -32,6 +38,7 @@ Shapes: ``delta`` like ``z``: B x C x H x W (vision) or B x T x D (text); logits
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import torch
@@ -41,7 +48,14 @@ from pydantic.dataclasses import dataclass
 from torch import Tensor
 
 from ..attacks.pgd import broadcast_mask
-from ..models.base import normalize_step, random_in_ball, unwrap
+from ..models.base import forked_rng, normalize_step, random_in_ball, unwrap
+
+
+def same_random_state(device: torch.device, last: bool):
+    """Context for one of FreeLB's K passes: all but the ``last`` run on a forked random state
+    (restored after the pass), so every pass draws the same dropout masks; the last one advances
+    the caller's stream as one pass would."""
+    return contextlib.nullcontext() if last else forked_rng(device)
 
 
 @dataclass(config=ConfigDict(extra="forbid", arbitrary_types_allowed=True))
@@ -73,7 +87,8 @@ class FreeLB:
         total = 0.0
         for k in range(self.steps):
             delta.requires_grad_(True)
-            logits = model.logits(model.embed(batch) + delta, batch)
+            with same_random_state(z0.device, last=k + 1 == self.steps):
+                logits = model.logits(model.embed(batch) + delta, batch)
             loss = F.cross_entropy(logits, batch["labels"])
             backward(loss / self.steps)
             total = total + loss.detach()
@@ -86,7 +101,8 @@ class FreeLB:
         losses = []
         for k in range(self.steps):
             delta.requires_grad_(True)
-            logits = model.logits(model.embed(batch) + delta, batch)
+            with same_random_state(z0.device, last=k + 1 == self.steps):
+                logits = model.logits(model.embed(batch) + delta, batch)
             losses.append(F.cross_entropy(logits, batch["labels"]))
             if k + 1 < self.steps:
                 grad, = torch.autograd.grad(losses[-1], delta, retain_graph=True)
