@@ -348,6 +348,35 @@ def test_aae_counter_fires_on_a_curved_model():
     assert build_defense({"name": "fgsm-at"}, VISION_THREAT).loss(linear, batch)["stats"]["aae_count"] == 0
 
 
+class LearnedOscillator(Oscillator):
+    """Oscillator with a learnable amplitude, so the loss has a parameter gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.amplitude = nn.Parameter(torch.tensor(4.0))
+
+    def forward(self, x):
+        return super().forward(x) * self.amplitude / 4
+
+
+def test_aaer_loss_drop_term_has_no_gradient_as_in_the_reference_code():
+    # the reference code detaches both losses of lambda_aae_loss x (CE(start) - CE(adv)): with the
+    # variation term off, AAER trains exactly as plain FGSM-RS (a gradient through CE(adv) there
+    # would push the abnormal examples' loss up)
+    batch = {"pixel_values": torch.full((64, 1, 2, 2), 0.5), "labels": torch.zeros(64, dtype=torch.long)}
+    grads = {}
+    for guard in ("none", "aaer"):
+        model = VisionAdapter(LearnedOscillator(), 2)
+        torch.manual_seed(0)
+        out = build_defense({"name": "fgsm-at", "guard": guard, "lambda_aae_variation": 0.0}, VISION_THREAT).loss(model, batch)
+        out["loss"].backward()
+        grads[guard] = model.net.amplitude.grad.clone()
+        if guard == "aaer":
+            assert 0 < out["stats"]["aae_count"] < 64 and out["aaer"] > 0  # the term is there, in the value
+    assert grads["none"].abs() > 0
+    assert torch.allclose(grads["aaer"], grads["none"])
+
+
 def test_gradalign_penalises_misaligned_gradients(vision_batch):
     adapter = toy_cnn().train()
     torch.manual_seed(0)
@@ -468,6 +497,26 @@ def test_freelb_accumulates_k_backward_passes(modality, vision_batch, request):
     adapter.zero_grad(set_to_none=True)
     torch.manual_seed(0)
     assert torch.isfinite(defense.loss(adapter, batch)["loss"])
+
+
+def test_freelb_passes_of_one_batch_share_one_dropout_mask(make_text_adapter, text_batch):
+    # FreeLB's reference code reuses the first pass's dropout masks in all K passes: with the
+    # perturbation held still (zero start, tiny step), the K losses of one batch are then equal; the
+    # next batch draws new masks (the random stream moves on)
+    adapter = make_text_adapter(max_length=32).train()  # dropout 0.1
+    defense = build_defense({"name": "freelb", "init": 0.0, "alpha": 1e-9}, TEXT_THREAT)
+    batch = {k: v for k, v in text_batch.items()}
+    calls = []
+    for _ in range(2):
+        losses = []
+        defense.step(adapter, batch, lambda loss: (losses.append(loss.item()), loss.backward()))
+        calls.append(losses)
+    for losses in calls:
+        assert losses[0] == pytest.approx(losses[1], abs=1e-6) and losses[1] == pytest.approx(losses[2], abs=1e-6)
+    assert calls[0][0] != pytest.approx(calls[1][0], abs=1e-6)  # masks differ between batches
+    # loss() (no backward) shares the mask too: its mean equals one pass's loss
+    first = defense.loss(adapter, batch)
+    assert first["loss"].item() == pytest.approx(F.cross_entropy(first["logits"], batch["labels"]).item(), abs=1e-6)
 
 
 # ----------------------------------------------------------------------------- embedding AT, IAT
