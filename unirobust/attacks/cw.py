@@ -4,8 +4,8 @@ Paper: Carlini & Wagner, "Towards Evaluating the Robustness of Neural Networks",
 
 Objective, per example: minimise ``dist(delta) + c * max(z_y - max_{i != y} z_i, -kappa)`` with Adam,
 where ``z`` are the logits at ``z0 + delta``; optionally a binary search over ``c`` (the paper's
-rule: on success ``c`` moves down to the midpoint with the last failure, on failure up to the
-midpoint with the last success, or x10 while none succeeded).
+rule: on success, a margin above ``kappa``, ``c`` moves down to the midpoint with the last failure,
+on failure up to the midpoint with the last success, or x10 while none succeeded).
 
 Distance: squared L2, measured per ball unit (whole image / one token) in units of the unit's L2
 "size" ``R`` — the radius for an L2 ball, ``radius * sqrt(d)`` for an Linf ball of d entries — and
@@ -110,7 +110,7 @@ class CWL2:
         for _ in range(self.binary_search_steps):
             w = torch.zeros_like(z0, requires_grad=True)
             opt = torch.optim.Adam([w], lr=self.lr)
-            reached = torch.zeros_like(found)  # unprojected success at this c (drives the search)
+            reached = torch.zeros_like(found)  # unprojected success (margin > kappa) at this c: drives the search
             for _ in range(self.n_iter):
                 with torch.enable_grad():
                     z = z0 + w * scale * mask
@@ -119,7 +119,7 @@ class CWL2:
                     dist = ((w * mask).pow(2).sum(dim=dims, keepdim=True) / d).flatten(1).sum(1)
                     objective = dist + c * (-margin).clamp_min(-self.kappa)
                     w.grad, = torch.autograd.grad(objective.sum(), w)  # no parameter grads
-                reached |= margin.detach() > 0
+                reached |= margin.detach() > self.kappa
                 keep(z.detach(), logits.detach())
                 opt.step()
                 with torch.no_grad():  # projected Adam: back onto the valid set (box / mask)
@@ -128,7 +128,7 @@ class CWL2:
             with torch.no_grad():
                 z = z0 + w * scale * mask
                 logits = adapter.logits(z, batch)
-                reached |= margin_loss(logits, labels) > 0
+                reached |= margin_loss(logits, labels) > self.kappa
             keep(z, logits)
             if found.all():
                 break
