@@ -21,7 +21,10 @@ under DDP. ``logits`` in their output is the ensemble's combined clean predictio
   scaled-dot-product kernels have no double backward).
 
 Departures: ADP's and GAL's optional adversarial-training terms are not built; GAL's paper uses
-leaky-ReLU members (here the recipe's architecture is used as is).
+leaky-ReLU members (here the recipe's architecture is used as is), and the DVERGE release trains GAL
+on images with Gaussian noise (std 0.045, half the time) added, which is not done here. The papers'
+ensembles predict (and are attacked through) the mean of the members' probabilities: recipe
+``model.ensemble: {members: 3, combine: probs}``; the default ``combine: logits`` averages logits.
 """
 
 from __future__ import annotations

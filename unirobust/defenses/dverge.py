@@ -32,7 +32,12 @@ runs in eval mode (see ``attacks/distill.py``); each member's N - 1 distilled ba
 batch go through it in one forward (one call through the wrapped model, DDP-safe), so BatchNorm
 batch statistics mix them (the release runs one forward per distilled batch, no clean pass). The
 clean pass is always made (it gives the training accuracy); ``clean_weight`` only sets its loss weight.
-The release's ``--plus-adv`` variant (adding PGD-AT per member) is not built.
+The release's ``--plus-adv`` variant (adding PGD-AT per member) is not built. The release starts
+DVERGE from a trained baseline ensemble (``--start-from baseline``: 200 epochs of independent
+training); here the members start from whatever their specs load (from scratch for a timm
+architecture without weights). The release's ensemble output, which its white-box and transfer
+evaluations attack, is the mean of the members' probabilities: recipe ``model.ensemble: {members: 3,
+combine: probs}``; the default ``combine: logits`` averages logits.
 """
 
 from __future__ import annotations
