@@ -527,3 +527,55 @@ def test_visual_prompt_on_a_pretrained_backbone_keeps_its_channels(tmp_path, dig
         assert adapter.logits(z, batch).shape == (4, digits_task.num_classes)
         inner = adapter.features(z, batch)  # stage 1 of the backbone (feature_layer), not pre-logits
         assert not torch.equal(inner, adapter.features(z, batch, layer=-1))
+
+
+def test_visual_prompt_label_map_beyond_the_backbone_fails_when_built(digits_task):
+    """A label map reading a class the backbone lacks is refused when the model is built, before a run
+    touches its folder (it failed at the first forward pass, after the earlier run was cleared)."""
+    from unirobust.models import build_model
+
+    with pytest.raises(ModelSpecError, match=r"label_map reads backbone class 9, and timm:test_resnet has 3 outputs"):
+        build_model("timm:test_resnet", digits_task, head="prompt", prompt_size=2, source_classes=3)
+    with pytest.raises(ModelSpecError, match="num_classes: with head: prompt"):
+        build_model("timm:test_resnet", digits_task, head="prompt", prompt_size=2, num_classes=12)
+
+
+def test_visual_prompt_backbone_from_a_checkpoint_or_a_run(tmp_path, digits_task, make_run, caplog):
+    """``checkpoint_path`` gives the backbone its weights and its number of outputs (the file's head);
+    a unirobust run's own model.safetensors works as the file; a random backbone is warned about; and
+    the prompt run loads again after the checkpoint file is gone (its own weights hold everything)."""
+    import timm
+    from safetensors.torch import save_file
+
+    from unirobust.models import build_model
+    from unirobust.runs import load_run
+
+    torch.manual_seed(0)
+    source = timm.create_model("test_resnet", num_classes=12, in_chans=1)
+    save_file(source.state_dict(), tmp_path / "plain.safetensors")
+    classifier_run, _, trained = make_run(tmp_path / "runs" / "base", {
+        "name": "base", "task": {"name": "digits"}, "model": {"spec": "timm:test_resnet"}})
+    for path, want in ((tmp_path / "plain.safetensors", source), (classifier_run / "model.safetensors", trained.net)):
+        caplog.clear()
+        adapter = build_model("timm:test_resnet", digits_task, head="prompt", prompt_size=2,
+                              checkpoint_path=str(path))
+        assert adapter.net.num_classes == want.num_classes  # 12 from the file's head, not the task's 10
+        for (k, a), b in zip(adapter.net.state_dict().items(), want.state_dict().values()):
+            assert torch.equal(a, b), k
+        assert "randomly initialised" not in caplog.text
+    with caplog.at_level("WARNING"):
+        build_model("timm:test_resnet", digits_task, head="prompt", prompt_size=2)
+    assert "randomly initialised timm:test_resnet" in caplog.text
+    # a prompt run started from the file loads without it
+    moved = tmp_path / "moved.safetensors"
+    (tmp_path / "plain.safetensors").rename(moved)
+    prompt_run, _, built = make_run(tmp_path / "runs" / "vp", {
+        "name": "vp", "task": {"name": "digits"},
+        "model": {"spec": "timm:test_resnet", "options": {"head": "prompt", "prompt_size": 2,
+                                                           "checkpoint_path": str(moved)}}})
+    moved.unlink()
+    caplog.clear()
+    _, loaded = load_run(prompt_run)
+    assert loaded.net.num_classes == 12 and "randomly initialised" not in caplog.text
+    for a, b in zip(loaded.state_dict().values(), built.state_dict().values()):
+        assert torch.equal(a, b)

@@ -231,19 +231,44 @@ def load_run(run_dir: str | Path, overrides: list[str] = ()):
     if trained is not None:
         check_same_outputs(trained, recipe.resolved_task, run_dir)
     with _trained_weights_follow(recipe.resolved_task.modality):
-        adapter = build_model(recipe.model.spec, recipe.resolved_task, ensemble=recipe.model.ensemble,
-                              **recipe.model.options)
+        adapter = build_model(recipe.model.spec, recipe.resolved_task,
+                              ensemble=_start_from_own_weights(recipe.model.ensemble, None),
+                              **_start_from_own_weights(recipe.model.options,
+                                                        weights if recipe.model.ensemble is None else None))
     load_weights(adapter, weights)
     return recipe, adapter.eval()
 
 
+def _start_from_own_weights(options, weights: Path | None):
+    """Model options with ``checkpoint_path`` pointing at the run's own ``weights`` (which replace the
+    checkpoint it started from, and give the same shapes, e.g. a visual prompt backbone's outputs), so
+    loading the run does not need that file, which may have moved. ``weights`` None (an ensemble, whose
+    weights file holds all members): ``checkpoint_path`` is dropped, in the members' options too."""
+    if isinstance(options, dict):
+        if "checkpoint_path" not in options:
+            return options
+        rest = {k: v for k, v in options.items() if k != "checkpoint_path"}
+        return rest if weights is None else {**rest, "checkpoint_path": str(weights)}
+    members = getattr(options, "members", None)
+    if isinstance(members, list):
+        return options.model_copy(update={"members": [m.model_copy(update={"options": _start_from_own_weights(
+            m.options, None)}) for m in members]})
+    return options
+
+
 @contextlib.contextmanager
 def _trained_weights_follow(modality: str):
-    """Quiets what is said about a text checkpoint's head while a run's model is built (transformers'
+    """Quiets what is said about a model's starting weights while a run's model is built (transformers'
     "newly initialized ... You should probably TRAIN this model", the builder's notes on the head's
-    label names): the run's trained weights replace that head right after."""
+    label names, a visual prompt's random backbone): the run's trained weights replace them right after."""
     if modality != "text":
-        yield
+        prompt_log = logging.getLogger("unirobust.models.prompt")
+        own = prompt_log.level
+        prompt_log.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            prompt_log.setLevel(own)
         return
     from .compat import ensure_torchvision
 

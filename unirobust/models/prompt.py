@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -612,26 +613,44 @@ def build_visual_prompt(arch: str, task, pretrained: bool = False, prompt: str =
                         **kwargs) -> VisualPromptAdapter:
     """``head: prompt`` of ``timm:<arch>``: visual prompting onto an existing classifier.
 
-    ``source_classes``: outputs of the backbone (default: the pretrained head's, else the task's);
-    ``image_size``: the backbone's input side (default: the task's image side + 2 x ``prompt_size``
-    for ``pad``); ``in_chans``: backbone channels (default: a pretrained backbone's own, else the
-    task's; a 1-channel task feeds a 3-channel backbone by repetition); ``mean`` / ``std``: the
-    backbone's normalisation (default its pretrained config, else the task's); ``feature_layer``: as
-    for ``head: classifier``. Other options go to ``timm.create_model``.
+    ``source_classes``: outputs of the backbone (default: the pretrained head's, or the
+    ``checkpoint_path`` head's, else the task's); ``image_size``: the backbone's input side (default:
+    the task's image side + 2 x ``prompt_size`` for ``pad``); ``in_chans``: backbone channels (default:
+    a pretrained backbone's own, else the task's; a 1-channel task feeds a 3-channel backbone by
+    repetition); ``mean`` / ``std``: the backbone's normalisation (default its pretrained config, else
+    the task's); ``feature_layer``: as for ``head: classifier``. ``checkpoint_path``: the backbone's
+    weights (a timm / PyTorch file, or a unirobust run's ``model.safetensors``). Other options go to
+    ``timm.create_model``. ``num_classes`` is not an option here: the backbone's outputs are
+    ``source_classes``, the task's classes come from ``label_map``.
     """
     import timm
 
+    from .vision import create_with_checkpoint, read_checkpoint
+
+    if "num_classes" in kwargs:
+        raise ModelSpecError("model.options.num_classes: with head: prompt the backbone's outputs are "
+                             "source_classes, and the task's classes are read from them through label_map")
     channels = task.image_shape[0]
+    checkpoint = kwargs.pop("checkpoint_path", None)
+    state = read_checkpoint(Path(str(checkpoint)).expanduser()) if checkpoint is not None else None
+    if source_classes is None and state is not None:
+        head = timm.models.get_pretrained_cfg_value(arch, "classifier")
+        weight = state.get(f"{head}.weight") if isinstance(head, str) else None
+        source_classes = int(weight.shape[0]) if weight is not None and weight.ndim >= 1 else None
     if source_classes is not None:
         kwargs["num_classes"] = source_classes
     elif not pretrained:
         kwargs["num_classes"] = task.num_classes
-    if in_chans is None and pretrained:  # the pretrained first layer as it is, not re-summed for other channels
-        net = timm.create_model(arch, pretrained=True, **kwargs)
-        in_chans = int(net.pretrained_cfg.get("input_size", (3,))[0]) if getattr(net, "pretrained_cfg", None) else 3
-    else:
-        in_chans = in_chans or channels
-        net = timm.create_model(arch, pretrained=pretrained, in_chans=in_chans, **kwargs)
+    if in_chans is None:  # a pretrained first layer as it is, not re-summed for other channels
+        size = timm.models.get_pretrained_cfg_value(arch, "input_size") if pretrained else None
+        in_chans = int(size[0]) if size else (3 if pretrained else channels)
+    create = {**kwargs, "in_chans": in_chans}
+    net = (create_with_checkpoint(arch, Path(str(checkpoint)).expanduser(), pretrained, create, state)
+           if state is not None else timm.create_model(arch, pretrained=pretrained, **create))
+    if not pretrained and state is None and freeze_backbone:
+        log.warning("visual prompting onto a randomly initialised timm:%s: the frozen backbone has learned "
+                    "nothing, so only the prompt is trained to read a random network's outputs; give it "
+                    "weights (model.options.pretrained: true, or checkpoint_path)", arch)
     if image_size is None:
         side = max(task.image_shape[1:])
         image_size = side + 2 * prompt_size if prompt == "pad" else side
@@ -640,6 +659,17 @@ def build_visual_prompt(arch: str, task, pretrained: bool = False, prompt: str =
         mean = cfg.get("mean") if pretrained and cfg.get("mean") else (task.mean if in_chans == channels else None)
     if std is None:
         std = cfg.get("std") if pretrained and cfg.get("std") else (task.std if in_chans == channels else None)
-    return VisualPromptAdapter(net, task.num_classes, image_size, prompt_size, prompt, label_map, in_chans,
-                               list(mean) if mean is not None else None, list(std) if std is not None else None,
-                               freeze_backbone, feature_layer)
+    adapter = VisualPromptAdapter(net, task.num_classes, image_size, prompt_size, prompt, label_map, in_chans,
+                                  list(mean) if mean is not None else None, list(std) if std is not None else None,
+                                  freeze_backbone, feature_layer)
+    outputs = getattr(net, "num_classes", None)
+    if isinstance(outputs, int) and outputs > 0 and adapter.label_read.shape[1] > outputs:
+        raise ModelSpecError(f"label_map reads backbone class {adapter.label_read.shape[1] - 1}, and timm:{arch} "
+                             f"has {outputs} outputs (source_classes); give label_map entries below {outputs}, "
+                             f"or source_classes")
+    trainable = sum(p.numel() for p in adapter.parameters() if p.requires_grad)
+    log.info("visual prompt: %s of %d px on a %d px input to timm:%s (%d outputs, %s), %s trainable parameters; "
+             "task class -> backbone classes %s", prompt, prompt_size, image_size, arch, outputs or -1,
+             "frozen" if freeze_backbone else "trained too", f"{trainable:,}",
+             label_map if label_map is not None else f"0..{task.num_classes - 1} (identity)")
+    return adapter

@@ -152,28 +152,61 @@ def _build_classifier(arch: str, task, pretrained: bool = False, feature_layer: 
 
 
 def _create_from_checkpoint(arch: str, task, path: Path, pretrained: bool, kwargs: dict):
-    """``timm.create_model`` with ``checkpoint_path``; a missing file, a file of pickled objects or
-    weights of another shape are a :class:`ModelSpecError` naming the file (timm raises bare errors)."""
+    """``timm.create_model`` sized for the task, then ``checkpoint_path``'s weights (see
+    :func:`create_with_checkpoint`)."""
+    return create_with_checkpoint(arch, path, pretrained, {**kwargs, "num_classes": task.num_classes,
+                                                           "in_chans": task.image_shape[0]})
+
+
+def read_checkpoint(path: Path) -> dict:
+    """The weights in ``path`` by timm's reader (safetensors, or ``torch.load(weights_only=True)``;
+    ``state_dict`` / EMA keys and a ``module.`` prefix handled). A unirobust run's ``model.safetensors``
+    (the adapter's state: ``net.*`` plus its ``mean`` / ``std``, and a visual prompt's ``prompt``)
+    gives its network's weights. A missing file, or one of pickled objects, is a :class:`ModelSpecError`."""
     import pickle
 
-    import timm
+    from timm.models import load_state_dict
 
     from ..models.base import ModelSpecError
 
     if not path.is_file():
         raise ModelSpecError(f"model.options.checkpoint_path: no file {path}")
     try:
-        return timm.create_model(arch, pretrained=pretrained, num_classes=task.num_classes,
-                                 in_chans=task.image_shape[0], **{**kwargs, "checkpoint_path": str(path)})
+        state = load_state_dict(str(path))
     except (pickle.UnpicklingError, RuntimeError) as err:
         if not isinstance(err, pickle.UnpicklingError) and "weights_only" not in str(err):
-            first = "; ".join(line.strip() for line in str(err).splitlines()[:3])  # missing keys, other shapes
-            raise ModelSpecError(f"model.options.checkpoint_path {path} does not fit timm:{arch} with "
-                                 f"{task.num_classes} classes and {task.image_shape[0]} input channels (the "
-                                 f"task's): {first[:400]}") from None
+            raise
         raise ModelSpecError(f"model.options.checkpoint_path {path} holds pickled objects, not weights alone: a "
                              f"whole pickled model is not loaded, for safety (torch.load weights_only); where "
                              f"you trust it, load it and save its state_dict(), or save safetensors") from None
+    if any(k.startswith("net.") for k in state) and all(k.startswith("net.") or k in ADAPTER_STATE for k in state):
+        state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}  # a unirobust run's weights
+    return state
+
+
+#: Entries of a unirobust vision adapter's state besides its network's (``net.*``).
+ADAPTER_STATE = {"mean", "std", "prompt"}
+
+
+def create_with_checkpoint(arch: str, path: Path, pretrained: bool, create: dict, state: dict | None = None):
+    """``timm.create_model(arch, **create)`` loaded with the weights of ``checkpoint_path`` (``state``
+    if already read). Weights of another shape are a :class:`ModelSpecError` naming the file, the
+    classes and the channels (timm raises bare errors)."""
+    import timm
+
+    from ..models.base import ModelSpecError
+
+    state = read_checkpoint(path) if state is None else state
+    create = {k: v for k, v in create.items() if k != "checkpoint_path"}
+    net = timm.create_model(arch, pretrained=pretrained, **create)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as err:
+        first = "; ".join(line.strip() for line in str(err).splitlines()[:3])  # missing keys, other shapes
+        raise ModelSpecError(f"model.options.checkpoint_path {path} does not fit timm:{arch} with "
+                             f"{create.get('num_classes')} classes and {create.get('in_chans', 3)} input channels: "
+                             f"{first[:400]}") from None
+    return net
 
 
 #: ``head`` option of ``timm:`` models -> builder (lazy "module:attr").
