@@ -456,3 +456,28 @@ def test_monitor_on_a_task_with_one_held_out_split_warns_it_watches_the_test_set
         with caplog.at_level("WARNING", logger="unirobust"):
             execute(recipe, evaluate_after=False)
         assert ("watches the test set" in caplog.text) == warned
+
+
+def test_accelerators_of_other_precisions_in_one_process_and_fp16_on_cpu(caplog):
+    """A study's variants may ask for other precisions in one process (accelerate refused a second
+    precision); fp16 on CPU computes in fp32 (accelerate turns autocast off): warned, and the precision
+    recorded is the one used."""
+    from types import SimpleNamespace
+
+    from unirobust.train import make_accelerator, precision_used
+
+    def recipe(precision):
+        return SimpleNamespace(train=SimpleNamespace(grad_accum=1, mixed_precision=precision))
+
+    assert precision_used(make_accelerator(recipe("no"))) == "no"
+    bf16 = make_accelerator(recipe("bf16"))
+    assert precision_used(bf16) == "bf16" and bf16.native_amp
+    with caplog.at_level("WARNING"):
+        fp16 = make_accelerator(recipe("fp16"))
+    if fp16.device.type == "cpu":
+        assert precision_used(fp16) == "no" and "mixed_precision=fp16 has no effect on cpu" in caplog.text
+    assert precision_used(make_accelerator(recipe("no"))) == "no"
+
+    from unirobust.recipe import TrainConfig
+
+    assert TrainConfig(mixed_precision=False).mixed_precision == "no"  # `train.mixed_precision=no`, as YAML reads it

@@ -124,6 +124,11 @@ class TrainConfig(Strict):
     checkpoint_every: int | None = Field(default=None, ge=1, description="save a resumable checkpoint every N steps")
     monitor_examples: int = Field(default=0, ge=0, description="held-out examples for per-epoch PGD robust accuracy (0 = off)")
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _unquoted_no(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML reads a bare `no` as false
+
 
 class TransferConfig(Strict):
     """``eval.transfer``: attacks crafted on surrogate runs and scored on this run (see ``transfer_eval.py``)."""

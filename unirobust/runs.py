@@ -94,7 +94,8 @@ def execute(recipe: Recipe, resume: bool = False, train: bool = True, evaluate_a
     """Train and evaluate one recipe into ``<output_dir>/<name>/``; returns its metrics."""
     from accelerate.utils import set_seed
 
-    from .train import check_batch_split, clear_checkpoints, fit, latest_checkpoint, make_accelerator, resumable_state
+    from .train import (check_batch_split, clear_checkpoints, fit, latest_checkpoint, make_accelerator, precision_used,
+                        resumable_state)
 
     run_dir = run_dir_of(recipe)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -124,7 +125,8 @@ def execute(recipe: Recipe, resume: bool = False, train: bool = True, evaluate_a
         if main:
             atomic_write(run_dir / "recipe.yaml", recipe.to_yaml())
         metrics = {"name": recipe.name, "seed": recipe.seed, "split": recipe.eval.split,
-                   "processes": accelerator.num_processes, "environment": environment()}
+                   "processes": accelerator.num_processes, "precision": precision_used(accelerator),
+                   "environment": environment()}
         if train and recipe.train.monitor_examples and data.one_held_out:
             log.warning("task %s has one held-out split for validation and test: train.monitor_examples watches "
                         "the test set (name a validation split, or carve one: task.source.holdout.validation=0.1)",

@@ -75,14 +75,31 @@ def make_accelerator(recipe: Recipe | None = None, run_dir: Path | None = None):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
+    from accelerate.state import AcceleratorState
+
     train = recipe.train if recipe is not None else None
-    return Accelerator(
-        cpu=not has_accelerator_device(),
-        gradient_accumulation_steps=train.grad_accum if train else 1,
-        mixed_precision=train.mixed_precision if train else "no",
-        dataloader_config=DataLoaderConfiguration(split_batches=True),
-        project_dir=str(run_dir) if run_dir else None,
-    )
+    settings = dict(cpu=not has_accelerator_device(), gradient_accumulation_steps=train.grad_accum if train else 1,
+                    mixed_precision=train.mixed_precision if train else "no",
+                    dataloader_config=DataLoaderConfiguration(split_batches=True),
+                    project_dir=str(run_dir) if run_dir else None)
+    try:
+        accelerator = Accelerator(**settings)
+    except ValueError as err:  # an earlier run in this process (a study's variant) used another precision
+        if "already been initialized" not in str(err):
+            raise
+        AcceleratorState._reset_state()  # the process group (PartialState) stays
+        accelerator = Accelerator(**settings)
+    if precision_used(accelerator) != accelerator.mixed_precision:
+        log.warning("train.mixed_precision=%s has no effect on %s (accelerate autocasts fp16 on GPUs only): this "
+                    "run computes in fp32; bf16 works on CPU", accelerator.mixed_precision, accelerator.device.type)
+    return accelerator
+
+
+def precision_used(accelerator) -> str:
+    """The precision the accelerator really computes in: ``no`` (fp32) where it was asked for a mixed
+    precision it cannot autocast (fp16 on CPU: accelerate keeps the setting but turns autocast off)."""
+    asked = str(accelerator.mixed_precision)
+    return asked if asked == "no" or accelerator.native_amp else "no"
 
 
 def make_optimizer(params, cfg):
