@@ -343,3 +343,21 @@ def test_gradient_word_importance_on_a_prompt_head_is_refused_before_the_run(tmp
                                                                                            "wir": "delete"}})))
     with pytest.raises(RecipeError, match=r"eval.attacks.0.wir: gradient"):
         load_recipes(write(tmp_path, dict(raw, defense={"name": "erm"}, eval={"attacks": [{"name": "a2t"}]})))
+
+
+def test_a_variant_with_another_kind_of_model_does_not_take_the_base_model_options(tmp_path):
+    """Text options of the base (max_length) reached a timm variant, which then failed only after the
+    other variants had run; variants of the same kind still merge the base's options."""
+    from unirobust.recipe import load_recipes
+
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "study", "task": {"name": "sst2-sample"},
+        "model": {"spec": "hf:sentence-transformers/all-MiniLM-L6-v2", "options": {"max_length": 48}},
+        "variants": [{"name": "text", "model": {"options": {"head": "prompt"}}},
+                     {"name": "vision", "task": {"name": "digits"}, "model": {"spec": "timm:test_resnet"}},
+                     {"name": "vision_own", "task": {"name": "digits"},
+                      "model": {"spec": "timm:test_resnet", "options": {"drop_rate": 0.1}}}]}))
+    text, vision, own = load_recipes(path)
+    assert text.model.options == {"max_length": 48, "head": "prompt"}
+    assert vision.model.options == {} and own.model.options == {"drop_rate": 0.1}

@@ -328,6 +328,28 @@ def read_yaml(path: str | Path) -> dict:
     return raw
 
 
+def model_source(spec: Any) -> str | None:
+    """``timm`` / ``hf`` of a model spec (a bare folder is an HF model); None for no spec."""
+    if not isinstance(spec, str):
+        return None
+    source, sep, _ = spec.partition(":")
+    return source if sep else "hf"
+
+
+def merge_variant(base: dict, variant: dict) -> dict:
+    """A variant merged onto the base recipe (:func:`deep_merge`), except that a variant whose
+    ``model.spec`` is of another source (``timm`` vs ``hf``) does not take the base's ``model.options``:
+    they were written for the other kind of model (``max_length`` reaching timm, say), and would only
+    fail when that variant's turn came, after the others had run."""
+    merged = deep_merge(base, variant)
+    b, v = base.get("model"), variant.get("model")
+    other = isinstance(v, dict) and model_source(v.get("spec")) not in (None, model_source((b or {}).get("spec")))
+    if isinstance(b, dict) and other:
+        own = v.get("options")
+        merged["model"] = {**merged["model"], "options": dict(own) if isinstance(own, dict) else {}}
+    return merged
+
+
 def load_recipes(path: str | Path, overrides: list[str] = ()) -> list[Recipe]:
     """All runs of a recipe file: the base alone, or one per variant (named ``<name>/<variant>``)."""
     raw = read_yaml(path)
@@ -347,7 +369,7 @@ def load_recipes(path: str | Path, overrides: list[str] = ()) -> list[Recipe]:
         vname = v.pop("name", None)
         if len(variants) > 1 and not vname:
             raise RecipeError(f"{path}: every variant needs a name")
-        merged = apply_overrides(deep_merge(raw, v), list(overrides))
+        merged = apply_overrides(merge_variant(raw, v), list(overrides))
         if vname:
             merged["name"] = f"{merged.get('name', Path(path).stem)}/{vname}"
             merged.setdefault("description", "")
