@@ -481,3 +481,28 @@ def test_accelerators_of_other_precisions_in_one_process_and_fp16_on_cpu(caplog)
     from unirobust.recipe import TrainConfig
 
     assert TrainConfig(mixed_precision=False).mixed_precision == "no"  # `train.mixed_precision=no`, as YAML reads it
+
+
+def test_resume_of_a_run_finished_without_checkpoints_evaluates_it_again(tmp_path, monkeypatch):
+    """A study resumed with --resume retrained its finished variants when they kept no checkpoint; now
+    a run trained to the end with the same training recipe is evaluated again, not retrained, while
+    a run with another training recipe still trains from the start."""
+    from unirobust import train
+    from unirobust.recipe import load_recipes
+    from unirobust.runs import execute
+
+    recipe_file = write_recipe(tmp_path / "tiny.yaml", train={"epochs": 1, "batch_size": 64, "lr": 0.003})
+    first = execute(load_recipes(recipe_file, [f"output_dir={tmp_path}"])[0])
+    weights = load_file(tmp_path / "tiny" / "model.safetensors")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(train, "fit", no_training)
+    other_eval = load_recipes(recipe_file, [f"output_dir={tmp_path}", "eval.max_examples=48"])[0]
+    again = execute(other_eval, resume=True)  # evaluation settings may differ
+    assert again["train"] == first["train"] and again["eval"]["n"] == 48
+    for k, v in load_file(tmp_path / "tiny" / "model.safetensors").items():
+        assert torch.equal(v, weights[k])
+    with pytest.raises(AssertionError, match="trained again"):  # another learning rate: trained from the start
+        execute(load_recipes(recipe_file, [f"output_dir={tmp_path}", "train.lr=0.001"])[0], resume=True)

@@ -113,9 +113,14 @@ def execute(recipe: Recipe, resume: bool = False, train: bool = True, evaluate_a
         ckpt = latest_checkpoint(run_dir) if train and resume else None
         if ckpt is not None:
             resumable_state(recipe, ckpt)
+        trained = finished_training(recipe, run_dir) if train and resume and ckpt is None else None
         data = load_task(task, seed=recipe.seed)
         adapter = build_model(recipe.model.spec, task, ensemble=recipe.model.ensemble, **recipe.model.options)
-        if train and ckpt is None:  # a fresh start (--resume without a checkpoint too): an earlier run's
+        if trained is not None:  # --resume of a run trained to the end with this recipe, without checkpoints
+            log.info("%s was trained to the end with this recipe (model.safetensors); --resume evaluates it again "
+                     "(run without --resume to train it again)", run_dir)
+            load_weights(adapter, run_dir / "model.safetensors")
+        elif train and ckpt is None:  # a fresh start (--resume without a checkpoint too): an earlier run's
             if main:                # results and checkpoints must not pass for this one's
                 for name in RESULTS:
                     (run_dir / name).unlink(missing_ok=True)
@@ -131,7 +136,9 @@ def execute(recipe: Recipe, resume: bool = False, train: bool = True, evaluate_a
             log.warning("task %s has one held-out split for validation and test: train.monitor_examples watches "
                         "the test set (name a validation split, or carve one: task.source.holdout.validation=0.1)",
                         task.name)
-        if train and (recipe.train.epochs or recipe.train.max_steps):
+        if trained is not None:
+            metrics["train"] = trained
+        elif train and (recipe.train.epochs or recipe.train.max_steps):
             metrics["train"] = fit(recipe, adapter, data.train, accelerator, run_dir, resume=resume,
                                    monitor_set=data.validation)
         adapter = accelerator.unwrap_model(adapter).eval()  # trained: from here on it is evaluated
@@ -163,6 +170,23 @@ def execute(recipe: Recipe, resume: bool = False, train: bool = True, evaluate_a
             atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     accelerator.wait_for_everyone()
     return metrics
+
+
+def finished_training(recipe: Recipe, run_dir: Path) -> dict | None:
+    """The ``train`` metrics of a run in ``run_dir`` that trained to the end with ``recipe``'s training
+    (same :func:`~unirobust.train.recipe_hash`) and kept its weights; None otherwise. A study resumed
+    with ``--resume`` then does not train its finished variants again when they kept no checkpoint."""
+    from .train import recipe_hash
+
+    weights, metrics_file, saved = run_dir / "model.safetensors", run_dir / "metrics.json", run_dir / "recipe.yaml"
+    if not (weights.exists() and metrics_file.exists() and saved.exists()):
+        return None
+    try:
+        done = json.loads(metrics_file.read_text()).get("train")
+        same = recipe_hash(validate(read_yaml(saved))) == recipe_hash(recipe)
+    except (RecipeError, ValueError, OSError):
+        return None
+    return done if same and isinstance(done, dict) and done.get("steps") else None
 
 
 def trained_task_name(run_dir: str | Path) -> str | None:
