@@ -122,3 +122,32 @@ def test_a_one_class_model_is_flagged_not_ranked_robust(tmp_path):
     assert "| run ⚠ |" in metrics_table({"run": ev})
     write_report(tmp_path, "run", {"eval": ev})
     assert "**⚠ Predictions:** the model predicts 'b'" in (tmp_path / "report.md").read_text()
+
+
+def test_study_summary_marks_one_class_runs_in_the_plot_and_says_when_attacks_differ(tmp_path, monkeypatch):
+    from unirobust import report
+
+    def run(clean, robust, attack, warning=None):
+        ev = {"n": 10, "clean_accuracy": clean, "robust_accuracy": robust, "worst_class_robust_accuracy": robust,
+              "cascade": [{"attack": attack, "robust_accuracy": robust}], "per_class": {}}
+        return {**ev, "prediction_warning": warning} if warning else ev
+
+    plotted = {}
+    monkeypatch.setattr(report, "plot_clean_robust", lambda path, title, bars: plotted.update(bars) or True)
+    results = {"s/a": run(0.9, 0.3, "pgd(steps=10)"), "s/b": run(0.5, 0.5, "pgd(steps=5)", "predicts 'pos' for 100%")}
+    summary = report.write_summary(tmp_path, results, {"s/a": "digits", "s/b": "digits"}).read_text()
+    assert list(plotted) == ["a (digits)", "b (digits) ⚠"]
+    assert "which differ between these runs" in summary
+    same = {"s/a": run(0.9, 0.3, "pgd(steps=10)"), "s/b": run(0.8, 0.4, "pgd(steps=10)")}
+    assert "which differ" not in report.write_summary(tmp_path, same, {"s/a": "digits", "s/b": "digits"}).read_text()
+
+
+def test_report_gives_the_checks_time_and_says_when_they_were_off(tmp_path):
+    ev = {"n": 4, "seconds": 1.0, "clean_accuracy": 0.75, "robust_accuracy": 0.25, "cascade": [
+        {"attack": "pgd", "robust_accuracy": 0.25}], "per_class": {}, "warnings": [], "checks_seconds": 118.0}
+    write_report(tmp_path, "r", {"eval": ev})
+    text = (tmp_path / "report.md").read_text()
+    assert "in 1.0 s. The gradient-masking checks took 118.0 s more." in text and "No warnings" in text
+    off = {k: v for k, v in ev.items() if k not in ("warnings", "checks_seconds")}
+    write_report(tmp_path, "r", {"eval": {**off, "checks_off": True}})
+    assert "Not run (`eval.check_examples: 0`)" in (tmp_path / "report.md").read_text()

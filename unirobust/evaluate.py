@@ -89,12 +89,15 @@ def evaluate(adapter, dataset, attacks: dict[str, object], accelerator, batch_si
 
             start = time.time()
             sample = select(first, torch.arange(min(check_examples, len(first["labels"]))))
+            log.info("gradient-masking checks on %d examples (eval.check_examples; 0 = off) ...", len(sample["labels"]))
             metrics["warnings"] = run_checks(model, sample, threat)
             if one_class and metrics["warnings"]:  # a constant model fails them for its own reason
                 metrics["warnings"].insert(0, "the model gives one class to almost every example (see the "
                                               "prediction warning): the checks below measure that, not masked "
                                               "gradients")
             metrics["checks_seconds"] = time.time() - start
+        elif threat is not None and not check_examples:
+            metrics["checks_off"] = True
         if word:
             metrics["word_attacks"] = run_word_attacks(model, dataset, word, accelerator, out_dir)
         return metrics

@@ -139,8 +139,10 @@ def word_attack_table(summaries: dict[str, dict]) -> str:
 
 def write_report(run_dir: Path, name: str, metrics: dict) -> None:
     ev = metrics["eval"]
+    checks = f" The gradient-masking checks took {ev['checks_seconds']:.1f} s more." if ev.get("checks_seconds") else ""
     lines = [f"# {name}", "", metrics_table({name: ev}), "",
-             f"Evaluated on {ev['n']} examples ({metrics.get('split', 'test')} split) in {ev['seconds']:.1f} s.", ""]
+             f"Evaluated on {ev['n']} examples ({metrics.get('split', 'test')} split) in {ev['seconds']:.1f} s.{checks}",
+             ""]
     if ev.get("word_attacks"):
         lines += ["## Word-substitution attacks", "", word_attack_table(ev["word_attacks"]), "",
                   "Per-example results: `attacks/<name>/results.jsonl`.", ""]
@@ -158,6 +160,8 @@ def write_report(run_dir: Path, name: str, metrics: dict) -> None:
         lines += [f"- {w}" for w in ev["warnings"]] or ["No warnings (randomness, softmax outputs, zero gradients, "
                                                         "eps monotonicity, black box vs white box)."]
         lines += [""]
+    elif ev.get("checks_off"):
+        lines += ["## Gradient-masking checks", "", "Not run (`eval.check_examples: 0`).", ""]
     train = metrics.get("train")
     if train and train.get("history"):
         extra = [k for k in dict.fromkeys(k for h in train["history"] for k in h)
@@ -228,8 +232,13 @@ def write_summary(root: Path, results: dict[str, dict], tasks: dict[str, str]) -
                if ev.get("prediction_warning")]
     if flagged:
         lines += ["", *flagged]
+    cascades = {tuple(s["attack"] for s in ev.get("cascade", [])) for ev in results.values() if attacked(ev)}
+    if len(cascades) > 1:
+        lines += ["", "Robust accuracy is each run's own cascade of attacks (the attacks column), which differ "
+                      "between these runs: compare robust figures only between runs attacked alike."]
     short = {name: Path(task).stem if task.endswith((".yaml", ".yml")) else task for name, task in tasks.items()}
-    bars = {f"{name.split('/', 1)[-1]} ({short[name]})": ev for name, ev in results.items()}  # a task file: its stem
+    bars = {f"{name.split('/', 1)[-1]} ({short[name]})" + (" ⚠" if ev.get("prediction_warning") else ""): ev
+            for name, ev in results.items()}  # a task file: its stem; ⚠ a one-class model
     if plot_clean_robust(root / "summary.png", f"{root.name}: clean vs robust accuracy", bars):
         lines += ["", "![clean and robust accuracy of every run](summary.png)"]
     atomic_write(root / "summary.md", "\n".join(lines) + "\n")
