@@ -585,6 +585,13 @@ def test_recipe_eval_runs_word_attacks(tiny_text_run):
     assert summary["n"] == 6
     rows = read_jsonl(run_dir / "attacks" / "deepwordbug_n_6" / "results.jsonl")
     assert [r.index for r in rows] == list(range(6))
+    # each record names its row in the source split (max_eval samples the split: index alone is not it)
+    from unirobust.recipe import read_yaml, validate
+    from unirobust.tasks import load_task
+
+    recipe = validate(read_yaml(run_dir / "recipe.yaml"))
+    test = load_task(recipe.resolved_task, seed=recipe.seed).test
+    assert [r.idx for r in rows] == test["idx"][:6] and [r.idx for r in rows] != list(range(6))
     assert "Word-substitution attacks" in (run_dir / "report.md").read_text()
 
 

@@ -206,8 +206,10 @@ def text_examples(args):
         raise RecipeError(f"word-substitution attacks need a text task; {task.name!r} is {task.modality}")
     split = load_task(task, seed=recipe.seed).split(args.split or recipe.eval.split)
     if args.n and args.n > len(split):
-        log.warning("--n %d: the %s split has %d examples; all of them are attacked", args.n,
-                    args.split or recipe.eval.split, len(split))
+        capped = (f" (the run's task.max_eval={task.max_eval}; task.max_eval=null lifts it)"
+                  if task.max_eval and task.max_eval == len(split) else "")
+        log.warning("--n %d: the %s split has %d examples%s; all of them are attacked", args.n,
+                    args.split or recipe.eval.split, len(split), capped)
     split = first_examples(split, args.n)
     return recipe, adapter, [dict(split[i]) for i in range(len(split))]
 

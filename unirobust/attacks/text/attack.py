@@ -220,7 +220,7 @@ def attack_examples(adapter, examples: list[dict], attack: WordAttack, store: Re
             context = {f: ex.get(f) for f in fields if f != field}
             if problem:
                 emit(AttackRecord(i, "error", str(ex.get(field, "")), label=_int_or_none(ex.get("label")),
-                                  field=field, context=context, message=problem))
+                                  field=field, context=context, message=problem, idx=_int_or_none(ex.get("idx"))))
                 continue
             label = int(ex["label"])
             target = None
@@ -238,7 +238,8 @@ def attack_examples(adapter, examples: list[dict], attack: WordAttack, store: Re
             item.index, status, item.start.text, adversarial=text.text if status != "skipped" else None,
             label=item.label, pred_before=int(p0.argmax()), pred_after=int(p.argmax()), queries=item.queries,
             words_changed=len(item.start.changed(text)), words_total=len(item.start), seconds=item.seconds,
-            field=field, context={f: item.example[f] for f in fields if f != field}, message=item.message))
+            field=field, context={f: item.example[f] for f in fields if f != field}, message=item.message,
+            idx=_int_or_none(item.example.get("idx"))))
 
     with eval_mode(adapter):  # dropout would make predictions, and so successes, random
         engine.run(prepared(), search, finish, total=len(todo), progress=progress)

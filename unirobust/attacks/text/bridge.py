@@ -347,7 +347,8 @@ def _to_record(index: int, result, fields: list[str], field: str | None, example
         adversarial=None if status == "skipped" else adv_cols[col],
         label=label, pred_before=int(before.output), pred_after=int(after.output),
         queries=int(result.num_queries), words_changed=0 if status == "skipped" else int(n_changed),
-        words_total=n_total, seconds=seconds, field=name, context=context, message=message)
+        words_total=n_total, seconds=seconds, field=name, context=context, message=message,
+        idx=example.get("idx") if isinstance(example.get("idx"), int) else None)
 
 
 @contextlib.contextmanager
@@ -445,7 +446,8 @@ def _error_record(index: int, example: dict, fields: list[str], field: str | Non
         label = None
     return AttackRecord(index=index, status="error", original=text if isinstance(text, str) else str(text or ""),
                         label=label, field=name, message=message,
-                        context={f: example.get(f) for f in fields if f != name})
+                        context={f: example.get(f) for f in fields if f != name},
+                        idx=example.get("idx") if isinstance(example.get("idx"), int) else None)
 
 
 __all__ = ["AdapterWrapper", "build_textattack_attack", "run_textattack", "textattack_recipe_names"]

@@ -27,8 +27,9 @@ STATUSES = ("success", "failed", "skipped", "error")
 
 @dataclass
 class AttackRecord:
-    """What happened to one example. ``original`` / ``adversarial`` are the attacked text field;
-    ``context`` holds the other fields of a pair unchanged."""
+    """What happened to one example. ``index`` is its position among the attacked examples, ``idx``
+    its row in the task's source split (where the data gives it); ``original`` / ``adversarial`` are
+    the attacked text field; ``context`` holds the other fields of a pair unchanged."""
 
     index: int
     status: str
@@ -44,6 +45,7 @@ class AttackRecord:
     field: str = "sentence"
     context: dict = dataclass_field(default_factory=dict)
     message: str = ""
+    idx: int | None = None
 
     @property
     def perturbed_fraction(self) -> float:
