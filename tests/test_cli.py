@@ -364,7 +364,8 @@ def test_eval_of_a_run_reproduces_its_own_metrics(capsys, tmp_path):
 
 def test_fresh_start_and_resume_without_checkpoint_clear_earlier_results(capsys, tmp_path):
     """Results of the folder's earlier model (eval.json, evaluations on other tasks, per-attack and
-    word-attack records) must not sit next to a model trained from the start, --resume or not."""
+    word-attack records) must not sit next to a model trained from the start, --resume or not (with
+    --resume: the earlier model was trained with another learning rate, so it is not this recipe's)."""
     import yaml
 
     recipe = tmp_path / "r.yaml"
@@ -373,7 +374,7 @@ def test_fresh_start_and_resume_without_checkpoint_clear_earlier_results(capsys,
         "model": {"spec": "timm:test_resnet"}, "train": {"epochs": 1, "batch_size": 32},
         "eval": {"max_examples": 16, "check_examples": 0, "attacks": [{"name": "fgsm"}]}}))
     run = tmp_path / "runs" / "fresh"
-    for argv in (["run", str(recipe)], ["run", str(recipe), "--resume"]):
+    for argv in (["run", str(recipe)], ["run", str(recipe), "train.lr=0.002", "--resume"]):
         for stale in ("eval.json", "on-other/eval.json", "attacks/textfooler/summary.json"):
             (run / stale).parent.mkdir(parents=True, exist_ok=True)
             (run / stale).write_text("{}")
