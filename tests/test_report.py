@@ -151,3 +151,18 @@ def test_report_gives_the_checks_time_and_says_when_they_were_off(tmp_path):
     off = {k: v for k, v in ev.items() if k not in ("warnings", "checks_seconds")}
     write_report(tmp_path, "r", {"eval": {**off, "checks_off": True}})
     assert "Not run (`eval.check_examples: 0`)" in (tmp_path / "report.md").read_text()
+
+
+def test_tables_name_each_attack_budget_and_mark_gradient_masking_warnings(tmp_path):
+    from unirobust.report import cautions, metrics_table
+
+    ev = {"n": 10, "clean_accuracy": 0.9, "robust_accuracy": 0.8, "worst_class_robust_accuracy": 0.7,
+          "cascade": [{"attack": "pgd(steps=10)", "robust_accuracy": 0.8}],
+          "attacks": {"pgd(steps=10)": {"eps": 0.05, "norm": "l2", "relative": True, "steps": 10}},
+          "warnings": ["zero gradients: the input gradient is exactly 0 for 3/32 examples"]}
+    row = metrics_table({"sst2-erm": ev}).splitlines()[2]
+    assert row.startswith("| sst2-erm ⚠ |") and "pgd(steps=10) [L2 0.05 x unit norm]: 80.0" in row
+    (line,) = cautions({"sst2-erm": ev})
+    assert "1 gradient-masking warning(s)" in line and "3/32" in line
+    write_report(tmp_path, "r", {"eval": {**ev, "seconds": 1.0, "per_class": {}}})
+    assert "token embeddings for text" in (tmp_path / "report.md").read_text()

@@ -99,8 +99,10 @@ def _input_grad(adapter, batch: dict, z0: Tensor, loss_fn) -> Tensor:
     return grad * broadcast_mask(adapter.perturbable(batch), grad)
 
 
-def check_zero_gradients(model, batch: dict, max_fraction: float = 0.1) -> list[str]:
-    """Warn when more than ``max_fraction`` of the examples have an exactly-zero input gradient.
+def check_zero_gradients(model, batch: dict, max_fraction: float = 0.0) -> list[str]:
+    """Warn when more than ``max_fraction`` of the examples (default: any, as AutoAttack's check) have
+    an exactly-zero input gradient: a model that masks its gradient on a few percent of the inputs
+    overstates robust accuracy by about that much, and nothing else may show it.
 
     The gradient is the cross-entropy's at the clean point, over the perturbable entries (examples
     with none, e.g. an empty text, are not counted). When the
@@ -243,20 +245,29 @@ class RandomSearch:
 
 
 def check_black_box(white_box: float, black_box: float, tol: float = 0.02, n: int | None = None,
-                    black_only: int | None = None) -> list[str]:
-    """Warn when a black-box attack leaves lower accuracy than the white-box one (more than ``tol``).
+                    black_only: int | None = None, min_black_only: int = 2) -> list[str]:
+    """Warn when a black-box attack leaves lower accuracy than the white-box one (more than ``tol``),
+    or breaks at least ``min_black_only`` examples the white-box attack did not (a model masking its
+    gradient on a few inputs leaves the accuracies close, example by example they differ; one such
+    example also happens on a sound adversarially trained model, two did not in our trials).
 
     ``n`` / ``black_only`` (optional): examples compared, and how many only the black-box broke.
     """
-    if not black_box < white_box - tol:
+    if not black_box < white_box - tol and not (black_only is not None and black_only >= min_black_only):
         return []
     detail = f" on {n} examples" if n else ""
     if black_only is not None:
         detail += f"; {black_only} examples were broken only by the black-box attack"
+    if black_box < white_box - tol:
+        what = (f"black box beats white box: a gradient-free attack leaves {_pct(black_box)} accuracy against "
+                f"{_pct(white_box)} for the gradient attack{detail}. An attack that sees the gradients should be "
+                f"at least as strong")
+    else:
+        what = (f"black box breaks what white box cannot: a gradient-free attack broke {black_only} examples "
+                f"that the gradient attack left correct ({_pct(black_box)} against {_pct(white_box)} "
+                f"accuracy{detail.split(';')[0]}). An attack that sees the gradients should break them too")
     return _report([
-        f"black box beats white box: a gradient-free attack leaves {_pct(black_box)} accuracy against "
-        f"{_pct(white_box)} for the gradient attack{detail}. An attack that sees the gradients should be "
-        f"at least as strong, so the gradients mislead it (gradient masking / obfuscation). Do not trust "
+        f"{what}, so the gradients mislead it (gradient masking / obfuscation). Do not trust "
         f"the white-box number: report the minimum over attacks, add the black-box attack to the "
         f"evaluation, and attack through a differentiable approximation of the model (BPDA / EOT)."])
 
@@ -266,7 +277,7 @@ def check_black_box(white_box: float, black_box: float, tol: float = 0.02, n: in
 
 def run_checks(model, batch: dict, threat: Any, accuracies: Mapping | None = None, *, sweep: bool = True,
                black_box: bool = True, n_queries: int = 100, tol: float = 0.03,
-               max_zero_grad_fraction: float = 0.1) -> list[str]:
+               max_zero_grad_fraction: float = 0.0) -> list[str]:
     """Run every check on one batch; returns (and logs) the warnings, ``[]`` when all is well.
 
     ``threat``: the budget (``eps``, ``norm``, ``steps``, ``alpha``, ``relative``; a task's

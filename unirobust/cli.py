@@ -49,7 +49,7 @@ def parse_attack(text: str) -> dict:
 
 def cmd_run(args, evaluate_after: bool = True) -> int:
     from .recipe import load_recipes
-    from .report import metrics_table, word_attack_table, write_summary
+    from .report import cautions, metrics_table, word_attack_table, write_summary
     from .runs import execute
 
     recipes = load_recipes(args.recipe, args.overrides)
@@ -66,6 +66,8 @@ def cmd_run(args, evaluate_after: bool = True) -> int:
     if results and PartialState().is_main_process:
         tasks = {r.name: r.resolved_task.name for r in recipes} if len(recipes) > 1 else None
         print("\n" + metrics_table(results, tasks))
+        for line in cautions(results):
+            print(line)
         if not tasks and next(iter(results.values())).get("word_attacks"):  # a study's table has them as columns
             print("\n" + word_attack_table(next(iter(results.values()))["word_attacks"]))
         if tasks:
@@ -123,7 +125,7 @@ def load_target(args):
 
 
 def cmd_eval(args) -> int:
-    from .report import atomic_write, environment, metrics_table, word_attack_table
+    from .report import atomic_write, cautions, environment, metrics_table, word_attack_table
     from .runs import build_attacks, coverage_warning, first_examples
     from .tasks import load_task
 
@@ -180,6 +182,8 @@ def cmd_eval(args) -> int:
         metrics["advglue"] = {k: v for k, v in advglue.items() if k != "markdown"}
     if accelerator.is_main_process:
         print("\n" + metrics_table({str(args.target): metrics}))
+        for line in cautions({str(args.target): metrics}):
+            print(line)
         if extras_markdown(metrics):
             print("\n" + extras_markdown(metrics))
         if metrics.get("word_attacks"):

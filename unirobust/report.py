@@ -106,6 +106,39 @@ def attacked(ev: dict) -> bool:
     return bool(ev.get("cascade"))
 
 
+#: What "robust %" measures, under every table of runs.
+ROBUST_MEANS = ("Robust accuracy: correct under every attack of the cascade, each searching the ball in brackets "
+                "around the model's continuous input: pixels for images, token embeddings for text (`x unit "
+                "norm`: the radius is that fraction of each unit's own norm, each token's embedding for text). "
+                "For text this is not robustness to word substitutions, which the word-attack table measures.")
+
+
+def budget(params: dict | None) -> str:
+    """`` [Linf 0.1]`` / `` [L2 0.05 x unit norm]`` (a relative ball: per token embedding for text):
+    the ball an attack searched, from its recorded parameters; empty when they are unknown."""
+    if not params or params.get("eps") is None or not params.get("norm"):
+        return ""
+    norm = {"linf": "Linf", "l2": "L2"}.get(params["norm"], params["norm"])
+    return f" [{norm} {params['eps']:g}{' x unit norm' if params.get('relative') else ''}]"
+
+
+def flag(ev: dict) -> bool:
+    """Whether a result is to be read with care: a one-class model, or gradient-masking warnings."""
+    return bool(ev.get("prediction_warning") or ev.get("warnings"))
+
+
+def cautions(results: dict[str, dict]) -> list[str]:
+    """One markdown line per flagged result (``flag``), with why."""
+    lines = []
+    for name, ev in results.items():
+        if ev.get("prediction_warning"):
+            lines.append(f"- ⚠ {name}: {ev['prediction_warning']}.")
+        if ev.get("warnings"):
+            lines.append(f"- ⚠ {name}: {len(ev['warnings'])} gradient-masking warning(s): its robust accuracy may be "
+                         f"overstated (see its report.md or eval.json); first: {ev['warnings'][0][:200]}")
+    return lines
+
+
 def metrics_table(rows: dict[str, dict], tasks: dict[str, str] | None = None) -> str:
     """Markdown table: one row per run, clean accuracy, each cascade stage, robust accuracy. With
     ``tasks`` (run -> task name; a study's summary) also each run's task and number of examples,
@@ -116,11 +149,12 @@ def metrics_table(rows: dict[str, dict], tasks: dict[str, str] | None = None) ->
             *(f"{w} %" for w in words)]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for name, m in rows.items():
-        stages = "; ".join(f"{s['attack']}: {pct(s['robust_accuracy'])}" for s in m.get("cascade", []))
+        stages = "; ".join(f"{s['attack']}{budget(m.get('attacks', {}).get(s['attack']))}: {pct(s['robust_accuracy'])}"
+                           for s in m.get("cascade", []))
         where = [tasks[name], str(m["n"])] if tasks else []
         word = [pct(m.get("word_attacks", {}).get(w, {}).get("accuracy_under_attack")) for w in words]
         robust = [pct(m["robust_accuracy"]), pct(m.get("worst_class_robust_accuracy"))] if attacked(m) else ["—", "—"]
-        flagged = name + (" ⚠" if m.get("prediction_warning") else "")  # a one-class model
+        flagged = name + (" ⚠" if flag(m) else "")  # a one-class model, or gradient-masking warnings
         cells = [flagged, *where, pct(m["clean_accuracy"]), *robust, stages or "—", *word]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -140,7 +174,7 @@ def word_attack_table(summaries: dict[str, dict]) -> str:
 def write_report(run_dir: Path, name: str, metrics: dict) -> None:
     ev = metrics["eval"]
     checks = f" The gradient-masking checks took {ev['checks_seconds']:.1f} s more." if ev.get("checks_seconds") else ""
-    lines = [f"# {name}", "", metrics_table({name: ev}), "",
+    lines = [f"# {name}", "", metrics_table({name: ev}), "", *([ROBUST_MEANS, ""] if attacked(ev) else []),
              f"Evaluated on {ev['n']} examples ({metrics.get('split', 'test')} split) in {ev['seconds']:.1f} s.{checks}",
              ""]
     if ev.get("word_attacks"):
@@ -228,8 +262,9 @@ def write_summary(root: Path, results: dict[str, dict], tasks: dict[str, str]) -
     """``root/summary.md`` for the variants of one recipe (a study): the metrics table, each run's
     task, and a clean-vs-robust bar chart of all runs (``summary.png``). Returns the summary path."""
     lines = [f"# {root.name}", "", metrics_table(results, tasks)]
-    flagged = [f"- ⚠ {name}: {ev['prediction_warning']}." for name, ev in results.items()
-               if ev.get("prediction_warning")]
+    if any(attacked(ev) for ev in results.values()):
+        lines += ["", ROBUST_MEANS]
+    flagged = cautions(results)
     if flagged:
         lines += ["", *flagged]
     cascades = {tuple(s["attack"] for s in ev.get("cascade", [])) for ev in results.values() if attacked(ev)}
@@ -237,7 +272,7 @@ def write_summary(root: Path, results: dict[str, dict], tasks: dict[str, str]) -
         lines += ["", "Robust accuracy is each run's own cascade of attacks (the attacks column), which differ "
                       "between these runs: compare robust figures only between runs attacked alike."]
     short = {name: Path(task).stem if task.endswith((".yaml", ".yml")) else task for name, task in tasks.items()}
-    bars = {f"{name.split('/', 1)[-1]} ({short[name]})" + (" ⚠" if ev.get("prediction_warning") else ""): ev
+    bars = {f"{name.split('/', 1)[-1]} ({short[name]})" + (" ⚠" if flag(ev) else ""): ev
             for name, ev in results.items()}  # a task file: its stem; ⚠ a one-class model
     if plot_clean_robust(root / "summary.png", f"{root.name}: clean vs robust accuracy", bars):
         lines += ["", "![clean and robust accuracy of every run](summary.png)"]
