@@ -208,3 +208,13 @@ def test_checks_and_evaluation_leave_a_training_mode_model_unchanged(digits_task
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert metrics["clean_accuracy"] == pytest.approx(expected.float().mean().item())
     assert model.training  # its mode is restored
+
+
+def test_flat_curve_check_reaches_a_budget_that_breaks_a_working_model(trained_cnn, batch):
+    """Up to 2 eps a model robust well beyond a small budget is flat (a false alarm on 6 of 11 batches
+    of a plain model at eps 0.01); the sweep now reaches the whole pixel range / a unit's own size."""
+    assert checks.large_factor(ThreatModel(norm="linf", eps=0.01)) == pytest.approx(100)
+    assert checks.large_factor(ThreatModel(norm="l2", eps=0.5)) == 8
+    assert checks.large_factor(ThreatModel(norm="l2", eps=0.05, relative=True)) == pytest.approx(20)
+    small = ThreatModel(norm="linf", eps=0.002, steps=10)
+    assert not [w for w in checks.run_checks(trained_cnn, batch, small, black_box=False) if "monotonicity" in w]
