@@ -7,7 +7,11 @@ Shapes: ``z0 = adapter.embed(batch)`` is B x C x H x W (vision) or B x T x D (te
 per example (vision) or per token (text), as the adapter's ``ball_dims`` / ``radius`` say. The
 attack returns the adversarial point (same shape, detached), never the perturbation.
 Departures: steps are scaled by ``radius / eps`` so relative (norm-scaled) text budgets take
-proportional steps; restarts keep, per example, the first successful point or else the highest loss.
+proportional steps. Each run returns its last iterate (as Madry et al. and torchattacks), so an
+example misclassified at some step and correct again at the last counts as robust; ``early_stop``
+freezes each example at its first successful iterate instead (no example lost that way, as APGD,
+alt-pgd and CW track). Restarts keep, per example, the first restart whose last iterate succeeds,
+else the one with the highest loss.
 """
 
 from __future__ import annotations
