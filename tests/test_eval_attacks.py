@@ -264,3 +264,27 @@ def test_budgets_written_as_fractions():
     for bad in ("8/0", "eight/255", "8/255/2"):
         with pytest.raises(ValidationError):
             ThreatModel(eps=bad)
+
+
+def test_cascade_refuses_points_outside_the_ball_or_the_box(trained_cnn, small_batch):
+    """A (registered) attack whose points leave its ball or [0, 1] would give a robust accuracy no one
+    can compare: the cascade stops with what moved, and built-in attacks pass."""
+    from dataclasses import dataclass
+
+    from unirobust.evaluate import cascade
+
+    @dataclass
+    class Overshoot:
+        eps: float = 0.1
+        norm: str = "linf"
+        relative: bool = False
+        by: float = 0.3
+
+        def __call__(self, model, batch):
+            z0 = model.embed(batch)
+            return (z0 + self.by * torch.sign(torch.randn_like(z0))).clamp(0, 1)
+
+    with pytest.raises(RuntimeError, match=r"Overshoot returned points outside its ball \(linf, eps 0.1\)"):
+        cascade(trained_cnn, small_batch, [Overshoot()])
+    stages, _ = cascade(trained_cnn, small_batch, [Overshoot(by=0.1), PGD(eps=0.1, norm="linf", steps=2)])
+    assert stages.shape[0] == 3

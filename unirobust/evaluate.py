@@ -27,6 +27,25 @@ def select(batch: dict, idx: torch.Tensor) -> dict:
     return {k: v[idx] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}
 
 
+def check_in_ball(adapter, attack, batch: dict, z_adv: torch.Tensor) -> None:
+    """An attack's points must be finite, in its ball and in the valid set (pixels in [0, 1], special
+    and padding tokens unmoved): projecting them must not move them. A point outside would make a
+    robust accuracy nobody can compare (the built-in attacks all pass; this guards registered ones)."""
+    if getattr(attack, "eps", None) is None or getattr(attack, "norm", None) is None:
+        return
+    with torch.no_grad():
+        z0 = adapter.embed(batch)
+        if z_adv.shape != z0.shape:
+            raise RuntimeError(f"{type(attack).__name__} returned points of shape {tuple(z_adv.shape)}, "
+                               f"the inputs are {tuple(z0.shape)}")
+        if not torch.isfinite(z_adv).all():
+            raise RuntimeError(f"{type(attack).__name__} returned non-finite points")
+        moved = (adapter.project(z_adv, z0, batch, attack) - z_adv).abs().max().item()
+    if moved > 1e-4 * max(1.0, z0.abs().max().item()):
+        raise RuntimeError(f"{type(attack).__name__} returned points outside its ball ({attack.norm}, eps "
+                           f"{attack.eps:g}) or the valid input set: projecting them moves them by up to {moved:.3g}")
+
+
 def cascade(adapter, batch: dict, attacks: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
     """Correct-after-each-stage flags, S+1 x B (stage 0 = clean), and the predictions."""
     was_training = adapter.training
@@ -41,6 +60,7 @@ def cascade(adapter, batch: dict, attacks: Sequence) -> tuple[torch.Tensor, torc
         if len(idx):
             sub = select(batch, idx)
             z_adv = attack(adapter, sub)
+            check_in_ball(adapter, attack, sub, z_adv)
             with torch.no_grad():
                 robust[idx] = adapter.logits(z_adv, sub).argmax(-1) == sub["labels"]
         stages.append(robust.clone())
