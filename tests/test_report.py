@@ -166,3 +166,12 @@ def test_tables_name_each_attack_budget_and_mark_gradient_masking_warnings(tmp_p
     assert "1 gradient-masking warning(s)" in line and "3/32" in line
     write_report(tmp_path, "r", {"eval": {**ev, "seconds": 1.0, "per_class": {}}})
     assert "token embeddings for text" in (tmp_path / "report.md").read_text()
+
+
+def test_word_attack_table_says_how_many_examples_were_errors():
+    from unirobust.report import word_attack_table
+
+    row = {"n": 10, "n_error": 2, "clean_accuracy": 0.5, "accuracy_under_attack": 0.25, "attack_success_rate": 0.5,
+           "mean_perturbed_fraction": 0.1, "mean_queries": 12.0, "seconds_per_example": 0.1}
+    assert "| pwws | 10 (2 not attacked: errors) | 50.0 | 25.0 |" in word_attack_table({"pwws": row})
+    assert "| pwws | 10 | 50.0 |" in word_attack_table({"pwws": {**row, "n_error": 0}})
