@@ -165,7 +165,8 @@ def word_attack_table(summaries: dict[str, dict]) -> str:
     lines = ["| attack | n | clean % | accuracy under attack % | success rate % | words perturbed % | "
              "queries / example | s / example (per process) |", "|---|---|---|---|---|---|---|---|"]
     for name, m in summaries.items():
-        n = f"{m['n']} ({m['n_error']} not attacked: errors)" if m.get("n_error") else str(m["n"])  # left out of the percentages
+        # errors (an empty text, a label the model lacks) are left out of the percentages
+        n = f"{m['n']} ({m['n_error']} not attacked: errors)" if m.get("n_error") else str(m["n"])
         lines.append(f"| {name} | {n} | {pct(m['clean_accuracy'])} | {pct(m['accuracy_under_attack'])} | "
                      f"{pct(m['attack_success_rate'])} | {pct(m['mean_perturbed_fraction'])} | "
                      f"{cell(m['mean_queries'])} | {cell(m['seconds_per_example'])} |")
