@@ -368,7 +368,8 @@ def test_aaer_loss_drop_term_has_no_gradient_as_in_the_reference_code():
     for guard in ("none", "aaer"):
         model = VisionAdapter(LearnedOscillator(), 2)
         torch.manual_seed(0)
-        out = build_defense({"name": "fgsm-at", "guard": guard, "lambda_aae_variation": 0.0}, VISION_THREAT).loss(model, batch)
+        defense = build_defense({"name": "fgsm-at", "guard": guard, "lambda_aae_variation": 0.0}, VISION_THREAT)
+        out = defense.loss(model, batch)
         out["loss"].backward()
         grads[guard] = model.net.amplitude.grad.clone()
         if guard == "aaer":

@@ -288,3 +288,16 @@ def test_cascade_refuses_points_outside_the_ball_or_the_box(trained_cnn, small_b
         cascade(trained_cnn, small_batch, [Overshoot()])
     stages, _ = cascade(trained_cnn, small_batch, [Overshoot(by=0.1), PGD(eps=0.1, norm="linf", steps=2)])
     assert stages.shape[0] == 3
+
+
+def test_cascade_in_bf16_passes_the_ball_check(make_text_adapter, sentences):
+    """bf16 embeddings round by ~1e-3: the ball check's tolerance follows the dtype (it stopped bf16
+    text runs: 'PGD returned points outside its ball ... by up to 0.000244')."""
+    from unirobust.evaluate import cascade
+
+    torch.manual_seed(0)
+    adapter = make_text_adapter().to(torch.bfloat16).eval()
+    batch = adapter.collate(sentences)
+    stages, _ = cascade(adapter, batch, [PGD(eps=0.5, norm="l2", relative=True, steps=3),
+                                         PGD(eps=0.5, norm="linf", relative=True, steps=3)])
+    assert stages.shape[0] == 3

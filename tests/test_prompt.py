@@ -579,3 +579,16 @@ def test_visual_prompt_backbone_from_a_checkpoint_or_a_run(tmp_path, digits_task
     assert loaded.net.num_classes == 12 and "randomly initialised" not in caplog.text
     for a, b in zip(loaded.state_dict().values(), built.state_dict().values()):
         assert torch.equal(a, b)
+    # an ensemble of such models: its weights file holds all members, so the checkpoint (still in
+    # place) gives the members' outputs
+    save_file(source.state_dict(), moved)
+    ens_run, _, ens = make_run(tmp_path / "runs" / "vp_ens", {
+        "name": "vp_ens", "task": {"name": "digits"},
+        "model": {"spec": "timm:test_resnet", "ensemble": 2,
+                  "options": {"head": "prompt", "prompt_size": 2, "checkpoint_path": str(moved)}}})
+    _, loaded = load_run(ens_run)
+    for a, b in zip(loaded.state_dict().values(), ens.state_dict().values()):
+        assert torch.equal(a, b)
+    from unirobust.models.prompt import _cfg_value
+
+    assert _cfg_value("hf-hub:someone/unregistered", "classifier") is None  # timm raises for such names

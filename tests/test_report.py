@@ -140,6 +140,12 @@ def test_study_summary_marks_one_class_runs_in_the_plot_and_says_when_attacks_di
     assert "which differ between these runs" in summary
     same = {"s/a": run(0.9, 0.3, "pgd(steps=10)"), "s/b": run(0.8, 0.4, "pgd(steps=10)")}
     assert "which differ" not in report.write_summary(tmp_path, same, {"s/a": "digits", "s/b": "digits"}).read_text()
+    # the same title, other budgets (the task's eps, filled in): attacked differently too
+    small, large = run(0.9, 0.3, "pgd(steps=10)"), run(0.8, 0.4, "pgd(steps=10)")
+    small["attacks"] = {"pgd(steps=10)": {"eps": 0.05, "norm": "linf"}}
+    large["attacks"] = {"pgd(steps=10)": {"eps": 0.1, "norm": "linf"}}
+    text = report.write_summary(tmp_path, {"s/a": small, "s/b": large}, {"s/a": "digits", "s/b": "digits"}).read_text()
+    assert "which differ between these runs" in text
 
 
 def test_report_gives_the_checks_time_and_says_when_they_were_off(tmp_path):

@@ -41,7 +41,8 @@ def check_in_ball(adapter, attack, batch: dict, z_adv: torch.Tensor) -> None:
         if not torch.isfinite(z_adv).all():
             raise RuntimeError(f"{type(attack).__name__} returned non-finite points")
         moved = (adapter.project(z_adv, z0, batch, attack) - z_adv).abs().max().item()
-    if moved > 1e-4 * max(1.0, z0.abs().max().item()):
+    rounding = max(1e-4, 8 * torch.finfo(z_adv.dtype).eps)  # bf16 / fp16 points round by far more than fp32
+    if moved > rounding * max(1.0, z0.abs().max().item()):
         raise RuntimeError(f"{type(attack).__name__} returned points outside its ball ({attack.norm}, eps "
                            f"{attack.eps:g}) or the valid input set: projecting them moves them by up to {moved:.3g}")
 

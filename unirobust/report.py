@@ -177,7 +177,8 @@ def write_report(run_dir: Path, name: str, metrics: dict) -> None:
     ev = metrics["eval"]
     checks = f" The gradient-masking checks took {ev['checks_seconds']:.1f} s more." if ev.get("checks_seconds") else ""
     lines = [f"# {name}", "", metrics_table({name: ev}), "", *([ROBUST_MEANS, ""] if attacked(ev) else []),
-             f"Evaluated on {ev['n']} examples ({metrics.get('split', 'test')} split) in {ev['seconds']:.1f} s.{checks}",
+             f"Evaluated on {ev['n']} examples ({metrics.get('split', 'test')} split) in {ev['seconds']:.1f} s."
+             + checks,
              ""]
     if ev.get("word_attacks"):
         lines += ["## Word-substitution attacks", "", word_attack_table(ev["word_attacks"]), "",
@@ -269,13 +270,14 @@ def write_summary(root: Path, results: dict[str, dict], tasks: dict[str, str]) -
     flagged = cautions(results)
     if flagged:
         lines += ["", *flagged]
-    cascades = {tuple(s["attack"] for s in ev.get("cascade", [])) for ev in results.values() if attacked(ev)}
+    cascades = {tuple((s["attack"], json.dumps(ev.get("attacks", {}).get(s["attack"]), sort_keys=True, default=str))
+                      for s in ev.get("cascade", [])) for ev in results.values() if attacked(ev)}  # budgets too
     if len(cascades) > 1:
         lines += ["", "Robust accuracy is each run's own cascade of attacks (the attacks column), which differ "
                       "between these runs: compare robust figures only between runs attacked alike."]
     short = {name: Path(task).stem if task.endswith((".yaml", ".yml")) else task for name, task in tasks.items()}
     bars = {f"{name.split('/', 1)[-1]} ({short[name]})" + (" ⚠" if flag(ev) else ""): ev
-            for name, ev in results.items()}  # a task file: its stem; ⚠ a one-class model
+            for name, ev in results.items()}  # a task file: its stem; ⚠ as in the table (flag)
     if plot_clean_robust(root / "summary.png", f"{root.name}: clean vs robust accuracy", bars):
         lines += ["", "![clean and robust accuracy of every run](summary.png)"]
     atomic_write(root / "summary.md", "\n".join(lines) + "\n")

@@ -115,7 +115,10 @@ def execute(recipe: Recipe, resume: bool = False, train: bool = True, evaluate_a
             resumable_state(recipe, ckpt)
         trained = finished_training(recipe, run_dir) if train and resume and ckpt is None else None
         data = load_task(task, seed=recipe.seed)
-        adapter = build_model(recipe.model.spec, task, ensemble=recipe.model.ensemble, **recipe.model.options)
+        if trained is not None:  # its own weights follow: the checkpoint it started from is not needed
+            adapter = build_for_weights(recipe, task, run_dir / "model.safetensors")
+        else:
+            adapter = build_model(recipe.model.spec, task, ensemble=recipe.model.ensemble, **recipe.model.options)
         if trained is not None:  # --resume of a run trained to the end with this recipe, without checkpoints
             log.info("%s was trained to the end with this recipe (model.safetensors); --resume evaluates it again "
                      "(run without --resume to train it again)", run_dir)
@@ -257,24 +260,32 @@ def load_run(run_dir: str | Path, overrides: list[str] = ()):
     if trained is not None:
         check_same_outputs(trained, recipe.resolved_task, run_dir)
     with _trained_weights_follow(recipe.resolved_task.modality):
-        adapter = build_model(recipe.model.spec, recipe.resolved_task,
-                              ensemble=_start_from_own_weights(recipe.model.ensemble, None),
-                              **_start_from_own_weights(recipe.model.options,
-                                                        weights if recipe.model.ensemble is None else None))
+        adapter = build_for_weights(recipe, recipe.resolved_task, weights)
     load_weights(adapter, weights)
     return recipe, adapter.eval()
+
+
+def build_for_weights(recipe: Recipe, task: Task, weights: Path):
+    """The recipe's model, built to receive a run's own ``weights`` right after (the checkpoint it
+    started from is not read: see :func:`_start_from_own_weights`)."""
+    ensemble = recipe.model.ensemble
+    return build_model(recipe.model.spec, task, ensemble=_start_from_own_weights(ensemble, None),
+                       **_start_from_own_weights(recipe.model.options, weights if ensemble is None else None))
 
 
 def _start_from_own_weights(options, weights: Path | None):
     """Model options with ``checkpoint_path`` pointing at the run's own ``weights`` (which replace the
     checkpoint it started from, and give the same shapes, e.g. a visual prompt backbone's outputs), so
     loading the run does not need that file, which may have moved. ``weights`` None (an ensemble, whose
-    weights file holds all members): ``checkpoint_path`` is dropped, in the members' options too."""
+    weights file holds all members): a ``checkpoint_path`` still in place is kept (a visual prompt
+    backbone reads its outputs from it), a missing one dropped, in the members' options too."""
     if isinstance(options, dict):
         if "checkpoint_path" not in options:
             return options
-        rest = {k: v for k, v in options.items() if k != "checkpoint_path"}
-        return rest if weights is None else {**rest, "checkpoint_path": str(weights)}
+        if weights is None:
+            here = Path(str(options["checkpoint_path"])).expanduser().is_file()
+            return options if here else {k: v for k, v in options.items() if k != "checkpoint_path"}
+        return {**options, "checkpoint_path": str(weights)}
     members = getattr(options, "members", None)
     if isinstance(members, list):
         return options.model_copy(update={"members": [m.model_copy(update={"options": _start_from_own_weights(

@@ -99,7 +99,8 @@ def precision_used(accelerator) -> str:
     """The precision the accelerator really computes in: ``no`` (fp32) where it was asked for a mixed
     precision it cannot autocast (fp16 on CPU: accelerate keeps the setting but turns autocast off)."""
     asked = str(accelerator.mixed_precision)
-    return asked if asked == "no" or accelerator.native_amp else "no"
+    engine_casts = str(accelerator.distributed_type).split(".")[-1] in ("DEEPSPEED", "MEGATRON_LM")  # they cast
+    return asked if asked == "no" or accelerator.native_amp or engine_casts else "no"
 
 
 def make_optimizer(params, cfg):

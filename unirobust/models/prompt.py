@@ -605,6 +605,17 @@ class VisualPromptAdapter(VisionAdapter):
         return super().features(self.apply_prompt(z), batch, layer)
 
 
+def _cfg_value(arch: str, key: str):
+    """A value of timm's registered pretrained config of ``arch`` (None for names timm has not
+    registered, e.g. ``hf-hub:...``)."""
+    import timm
+
+    try:
+        return timm.models.get_pretrained_cfg_value(arch, key)
+    except (RuntimeError, KeyError, ValueError):
+        return None
+
+
 def build_visual_prompt(arch: str, task, pretrained: bool = False, prompt: str = "pad", prompt_size: int = 4,
                         image_size: int | None = None, label_map: Sequence | None = None,
                         source_classes: int | None = None, freeze_backbone: bool = True,
@@ -625,29 +636,32 @@ def build_visual_prompt(arch: str, task, pretrained: bool = False, prompt: str =
     """
     import timm
 
-    from .vision import create_with_checkpoint, read_checkpoint
+    from .vision import NUMPY_CHECKPOINTS, create_with_checkpoint, read_checkpoint
 
     if "num_classes" in kwargs:
         raise ModelSpecError("model.options.num_classes: with head: prompt the backbone's outputs are "
                              "source_classes, and the task's classes are read from them through label_map")
     channels = task.image_shape[0]
     checkpoint = kwargs.pop("checkpoint_path", None)
-    state = read_checkpoint(Path(str(checkpoint)).expanduser()) if checkpoint is not None else None
-    if source_classes is None and state is not None:
-        head = timm.models.get_pretrained_cfg_value(arch, "classifier")
+    path = Path(str(checkpoint)).expanduser() if checkpoint is not None else None
+    state = read_checkpoint(path) if path is not None and path.suffix not in NUMPY_CHECKPOINTS else None
+    if source_classes is None and state is not None:  # the checkpoint's head says how many outputs
+        head = _cfg_value(arch, "classifier")
         weight = state.get(f"{head}.weight") if isinstance(head, str) else None
         source_classes = int(weight.shape[0]) if weight is not None and weight.ndim >= 1 else None
     if source_classes is not None:
         kwargs["num_classes"] = source_classes
     elif not pretrained:
         kwargs["num_classes"] = task.num_classes
-    if in_chans is None:  # a pretrained first layer as it is, not re-summed for other channels
-        size = timm.models.get_pretrained_cfg_value(arch, "input_size") if pretrained else None
-        in_chans = int(size[0]) if size else (3 if pretrained else channels)
-    create = {**kwargs, "in_chans": in_chans}
-    net = (create_with_checkpoint(arch, Path(str(checkpoint)).expanduser(), pretrained, create, state)
-           if state is not None else timm.create_model(arch, pretrained=pretrained, **create))
-    if not pretrained and state is None and freeze_backbone:
+    pretrained_channels = in_chans is None and pretrained  # the first layer as it is, not re-summed for others
+    create = kwargs if pretrained_channels else {**kwargs, "in_chans": in_chans or channels}
+    net = (create_with_checkpoint(arch, path, pretrained, create, state) if path is not None
+           else timm.create_model(arch, pretrained=pretrained, **create))
+    if pretrained_channels:
+        cfg = getattr(net, "pretrained_cfg", None) or {}
+        in_chans = int(cfg.get("input_size", (3,))[0])
+    in_chans = in_chans or channels
+    if not pretrained and path is None and freeze_backbone:
         log.warning("visual prompting onto a randomly initialised timm:%s: the frozen backbone has learned "
                     "nothing, so only the prompt is trained to read a random network's outputs; give it "
                     "weights (model.options.pretrained: true, or checkpoint_path)", arch)

@@ -196,17 +196,25 @@ def create_with_checkpoint(arch: str, path: Path, pretrained: bool, create: dict
 
     from ..models.base import ModelSpecError
 
-    state = read_checkpoint(path) if state is None else state
     create = {k: v for k, v in create.items() if k != "checkpoint_path"}
-    net = timm.create_model(arch, pretrained=pretrained, **create)
     try:
+        if path.suffix in NUMPY_CHECKPOINTS:  # big_vision / JAX weights: timm's own loader (model.load_pretrained)
+            if not path.is_file():
+                raise ModelSpecError(f"model.options.checkpoint_path: no file {path}")
+            return timm.create_model(arch, pretrained=pretrained, checkpoint_path=str(path), **create)
+        state = read_checkpoint(path) if state is None else state
+        net = timm.create_model(arch, pretrained=pretrained, **create)
         net.load_state_dict(state)
-    except RuntimeError as err:
+    except (RuntimeError, KeyError, ValueError) as err:
         first = "; ".join(line.strip() for line in str(err).splitlines()[:3])  # missing keys, other shapes
         raise ModelSpecError(f"model.options.checkpoint_path {path} does not fit timm:{arch} with "
                              f"{create.get('num_classes')} classes and {create.get('in_chans', 3)} input channels: "
                              f"{first[:400]}") from None
     return net
+
+
+#: Checkpoint files timm reads itself (JAX / big_vision ``.npz`` weights of ViTs and relatives).
+NUMPY_CHECKPOINTS = (".npz", ".npy")
 
 
 #: ``head`` option of ``timm:`` models -> builder (lazy "module:attr").

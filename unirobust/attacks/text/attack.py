@@ -16,7 +16,7 @@ from typing import ClassVar, Literal
 from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 
-from .results import AttackRecord, ResultStore, result_key, summarise
+from .results import AttackRecord, ResultStore, int_or_none, result_key, summarise
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +219,8 @@ def attack_examples(adapter, examples: list[dict], attack: WordAttack, store: Re
             problem = check_example(ex, fields, field, adapter.num_classes)
             context = {f: ex.get(f) for f in fields if f != field}
             if problem:
-                emit(AttackRecord(i, "error", str(ex.get(field, "")), label=_int_or_none(ex.get("label")),
-                                  field=field, context=context, message=problem, idx=_int_or_none(ex.get("idx"))))
+                emit(AttackRecord(i, "error", str(ex.get(field, "")), label=int_or_none(ex.get("label")),
+                                  field=field, context=context, message=problem, idx=int_or_none(ex.get("idx"))))
                 continue
             label = int(ex["label"])
             target = None
@@ -239,7 +239,7 @@ def attack_examples(adapter, examples: list[dict], attack: WordAttack, store: Re
             label=item.label, pred_before=int(p0.argmax()), pred_after=int(p.argmax()), queries=item.queries,
             words_changed=len(item.start.changed(text)), words_total=len(item.start), seconds=item.seconds,
             field=field, context={f: item.example[f] for f in fields if f != field}, message=item.message,
-            idx=_int_or_none(item.example.get("idx"))))
+            idx=int_or_none(item.example.get("idx"))))
 
     with eval_mode(adapter):  # dropout would make predictions, and so successes, random
         engine.run(prepared(), search, finish, total=len(todo), progress=progress)
@@ -269,13 +269,6 @@ def _memoised(fn):
         return [memo[t] for t in texts]
 
     return call
-
-
-def _int_or_none(x):
-    try:
-        return int(x)
-    except (TypeError, ValueError):
-        return None
 
 
 def _too_long(adapter, model_input) -> bool:

@@ -33,7 +33,7 @@ import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Sequence
 
-from .results import AttackRecord, ResultStore
+from .results import AttackRecord, ResultStore, int_or_none
 
 if TYPE_CHECKING:  # pragma: no cover
     import textattack
@@ -348,7 +348,7 @@ def _to_record(index: int, result, fields: list[str], field: str | None, example
         label=label, pred_before=int(before.output), pred_after=int(after.output),
         queries=int(result.num_queries), words_changed=0 if status == "skipped" else int(n_changed),
         words_total=n_total, seconds=seconds, field=name, context=context, message=message,
-        idx=example.get("idx") if isinstance(example.get("idx"), int) else None)
+        idx=int_or_none(example.get("idx")))
 
 
 @contextlib.contextmanager
@@ -439,15 +439,11 @@ def run_textattack(adapter, examples: list[dict], attack, store: ResultStore | N
 def _error_record(index: int, example: dict, fields: list[str], field: str | None, message: str) -> AttackRecord:
     name = field or fields[-1]
     text = example.get(name)
-    label = example.get("label")
-    try:
-        label = int(label) if label is not None else None
-    except (TypeError, ValueError):
-        label = None
+    label = int_or_none(example.get("label"))
     return AttackRecord(index=index, status="error", original=text if isinstance(text, str) else str(text or ""),
                         label=label, field=name, message=message,
                         context={f: example.get(f) for f in fields if f != name},
-                        idx=example.get("idx") if isinstance(example.get("idx"), int) else None)
+                        idx=int_or_none(example.get("idx")))
 
 
 __all__ = ["AdapterWrapper", "build_textattack_attack", "run_textattack", "textattack_recipe_names"]

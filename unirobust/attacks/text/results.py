@@ -63,6 +63,14 @@ class AttackRecord:
         return cls(**row)
 
 
+def int_or_none(x):
+    """``int(x)``, or None where ``x`` is not a number (a missing label or source row)."""
+    try:
+        return int(x)
+    except (TypeError, ValueError):
+        return None
+
+
 def summarise(records: Iterable[AttackRecord]) -> dict:
     """Attack success rate (over examples the model got right), accuracy under attack (over all
     valid examples), mean words perturbed (over successes, as TextAttack reports it), mean queries
