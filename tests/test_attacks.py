@@ -383,3 +383,47 @@ def test_attack_parameters_record_the_step_size_used():
     assert attack_parameters(PGD(eps=0.1, steps=10))["alpha"] == pytest.approx(0.025)
     assert attack_parameters(PGD(eps=0.1, steps=10, alpha=0.01))["alpha"] == 0.01
     assert attack_parameters(FGSM(eps=0.1))["alpha"] == 0.1
+
+
+def test_attacks_and_predict_restore_every_submodule_mode():
+    """A user's model in eval mode inside a new adapter (in train mode), or a frozen BatchNorm kept
+    in eval while fine-tuning, came back from an attack in train mode (the wrapper's flag was
+    restored onto every submodule)."""
+    from torch import nn
+
+    from unirobust.evaluate import cascade
+    from unirobust.models.vision import VisionAdapter
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5), nn.Flatten(),
+                        nn.Linear(4 * 8 * 8, 3)).eval()
+    adapter = VisionAdapter(net, 3)
+    batch = {"pixel_values": torch.rand(4, 1, 8, 8), "labels": torch.tensor([0, 1, 2, 0])}
+    PGD(eps=0.1, norm="linf", steps=2)(adapter, batch)
+    assert adapter.training and not any(m.training for m in net.modules())
+    adapter.train()
+    net[1].eval()  # frozen statistics while fine-tuning
+    modes = {name: m.training for name, m in adapter.named_modules()}
+    PGD(eps=0.1, norm="linf", steps=2)(adapter, batch)
+    cascade(adapter, batch, [PGD(eps=0.1, norm="linf", steps=1)])
+    adapter.predict(batch["pixel_values"].numpy())
+    assert {name: m.training for name, m in adapter.named_modules()} == modes and not net[1].training
+
+
+def test_attacks_refuse_pixels_outside_unit_range_and_evaluation_refuses_bad_labels():
+    """Normalised (or 0-255) pixels were clamped into [0, 1] by the attack's projection: points far
+    outside the ball, silently (PGD at eps 1e-6 cost 12 points); labels outside the classes were
+    counted as wrong and left out of the per-class figures."""
+    from torch import nn
+
+    from unirobust.evaluate import cascade
+    from unirobust.models.vision import VisionAdapter
+
+    torch.manual_seed(0)
+    adapter = VisionAdapter(nn.Sequential(nn.Flatten(), nn.Linear(64, 3)), 3)
+    x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(ValueError, match=r"pixel_values must lie in \[0, 1\], found -0.7"):
+        PGD(eps=0.1, norm="linf", steps=1)(adapter, {"pixel_values": x * 2.25 - 0.75, "labels": y})
+    PGD(eps=0.1, norm="linf", steps=1)(adapter, {"pixel_values": x, "labels": y})  # fine
+    with pytest.raises(ValueError, match=r"labels must be class indices 0..2, found -1..3"):
+        cascade(adapter, {"pixel_values": x, "labels": torch.tensor([0, -1, 3, 1])}, [])

@@ -301,3 +301,13 @@ def test_cascade_in_bf16_passes_the_ball_check(make_text_adapter, sentences):
     stages, _ = cascade(adapter, batch, [PGD(eps=0.5, norm="l2", relative=True, steps=3),
                                          PGD(eps=0.5, norm="linf", relative=True, steps=3)])
     assert stages.shape[0] == 3
+
+
+def test_evaluate_from_python_with_a_list_of_attacks_and_no_accelerator(trained_cnn, digits_data):
+    from unirobust.evaluate import evaluate
+
+    examples = [digits_data.test[i] for i in range(40)]
+    m = evaluate(trained_cnn, examples, [PGD(eps=0.1, norm="linf", steps=2), PGD(eps=0.2, norm="linf", steps=2)],
+                 check_examples=0)
+    assert m["n"] == 40 and [s["attack"] for s in m["cascade"]] == ["PGD", "PGD #2"]
+    assert m["cascade"][-1]["robust_accuracy"] <= m["cascade"][0]["robust_accuracy"] <= m["clean_accuracy"]

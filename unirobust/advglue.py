@@ -28,6 +28,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from .models.base import eval_mode
+
 log = logging.getLogger(__name__)
 
 #: AdvGLUE task key -> its GLUE text fields (one, or a sentence pair).
@@ -291,10 +293,8 @@ def predict_examples(adapter, examples: list[dict], batch_size: int = 64, accele
     else:
         model = adapter
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     preds, labels = [], []
-    try:
+    with eval_mode(model):
         for batch in loader:
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             pred, y = model.logits(model.embed(batch), batch).argmax(-1), batch["labels"]
@@ -302,8 +302,6 @@ def predict_examples(adapter, examples: list[dict], batch_size: int = 64, accele
                 pred, y = accelerator.gather_for_metrics((pred, y))
             preds += pred.cpu().tolist()
             labels += y.cpu().tolist()
-    finally:
-        model.train(was_training)
     return preds, labels
 
 

@@ -49,9 +49,16 @@ def check_in_ball(adapter, attack, batch: dict, z_adv: torch.Tensor) -> None:
 
 def cascade(adapter, batch: dict, attacks: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
     """Correct-after-each-stage flags, S+1 x B (stage 0 = clean), and the predictions."""
-    was_training = adapter.training
-    adapter.eval()
+    with eval_mode(adapter):
+        return _cascade(adapter, batch, attacks)
+
+
+def _cascade(adapter, batch: dict, attacks: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
     labels = batch["labels"]
+    classes = getattr(adapter, "num_classes", None)
+    if len(labels) and (int(labels.min()) < 0 or (classes is not None and int(labels.max()) >= classes)):
+        raise ValueError(f"labels must be class indices 0..{classes - 1 if classes else '?'}, found "
+                         f"{int(labels.min())}..{int(labels.max())}")
     with torch.no_grad():
         pred = adapter.logits(adapter.embed(batch), batch).argmax(-1)
     robust = pred == labels
@@ -65,11 +72,10 @@ def cascade(adapter, batch: dict, attacks: Sequence) -> tuple[torch.Tensor, torc
             with torch.no_grad():
                 robust[idx] = adapter.logits(z_adv, sub).argmax(-1) == sub["labels"]
         stages.append(robust.clone())
-    adapter.train(was_training)
     return torch.stack(stages), pred
 
 
-def evaluate(adapter, dataset, attacks: dict[str, object], accelerator, batch_size: int = 64,
+def evaluate(adapter, dataset, attacks: dict[str, object] | Sequence, accelerator=None, batch_size: int = 64,
              class_names: Sequence[str] | None = None, desc: str = "eval", threat=None,
              check_examples: int = 32, out_dir=None) -> dict:
     """Clean and cascaded robust accuracy of ``adapter`` on ``dataset``, overall and per class.
@@ -79,7 +85,25 @@ def evaluate(adapter, dataset, attacks: dict[str, object], accelerator, batch_si
     Word-substitution attacks (``kind == "word"``) are a different threat model, so they are not in
     the cascade: each attacks the first ``n`` examples on its own, its per-example results go to
     ``out_dir/attacks/<name>/`` (resumable) and its summary to ``metrics["word_attacks"][name]``.
-    The model is evaluated in eval mode throughout (its mode is restored after)."""
+    The model is evaluated in eval mode throughout (its mode is restored after).
+
+    From Python: ``dataset`` holds task-format examples (``{"image" | text fields, "label"}``, as
+    ``load_task`` gives them; ``adapter.collate`` batches them); ``attacks`` is ``{title: attack}``
+    or a list (titled by class name); ``accelerator`` defaults to a one-process ``Accelerator``.
+    Random starts draw from torch's global generator: call ``accelerate.utils.set_seed(seed)`` first
+    for the figures the CLI gives (it seeds with the recipe's ``seed``)."""
+    if accelerator is None:
+        from .train import make_accelerator
+
+        accelerator = make_accelerator()
+    if not isinstance(attacks, dict):
+        titled = {}
+        for attack in attacks:
+            title, n = type(attack).__name__, 2
+            while title in titled:
+                title, n = f"{type(attack).__name__} #{n}", n + 1
+            titled[title] = attack
+        attacks = titled
     model = accelerator.unwrap_model(adapter)
     with eval_mode(model):
         parameters = {title: attack_parameters(a) for title, a in attacks.items()}

@@ -230,14 +230,18 @@ def real_examples(accelerator, n: int) -> int:
     return max(0, min(n, state.remainder - accelerator.process_index * n))
 
 
-def defense_step(defense, view, batch, accelerator) -> dict:
-    """One forward/backward of the defense. A defense that needs several backward passes per step
-    (FreeLB's accumulated ascent) defines ``step(model, batch, backward)`` and calls ``backward``
-    itself; every other defense defines ``loss(model, batch)`` and the loop back-propagates it."""
+def defense_step(defense, view, batch, accelerator=None) -> dict:
+    """One forward/backward of the defense (parameter gradients accumulate; the optimizer step is the
+    caller's). A defense that needs several backward passes per step (FreeLB's accumulated ascent)
+    defines ``step(model, batch, backward)`` and calls ``backward`` itself; every other defense defines
+    ``loss(model, batch)`` and the loop back-propagates it. Without an ``accelerator`` (your own loop)
+    the backward is ``loss.backward()``. Defenses with ``replays = m`` (Free-AT) expect m steps, each
+    followed by an optimizer update, on every batch."""
+    backward = accelerator.backward if accelerator is not None else (lambda loss: loss.backward())
     if callable(getattr(defense, "step", None)):
-        return defense.step(view, batch, accelerator.backward)
+        return defense.step(view, batch, backward)
     out = defense.loss(view, batch)
-    accelerator.backward(out["loss"])
+    backward(out["loss"])
     return out
 
 

@@ -35,6 +35,8 @@ def run_attack(model, batch: dict, run: Callable[..., Tensor], *args: Any) -> Te
     with eval_mode(adapter):
         with torch.no_grad():
             z0 = adapter.embed(batch).detach()
+        if hasattr(adapter, "check_inputs"):
+            adapter.check_inputs(z0)
         return run(adapter, batch, z0, *args)
 
 

@@ -36,13 +36,17 @@ class ModelAdapter(Protocol):
 
 @contextmanager
 def eval_mode(module):
-    """Run the block with ``module`` in eval mode, then restore its previous mode (attacks use this)."""
-    was_training = module.training
+    """Run the block with ``module`` in eval mode, then restore every submodule's own previous mode
+    (attacks, evaluation and ``predict`` use this). Restoring with ``module.train(was)`` would set
+    all submodules alike: a user's model in eval mode (as ``from_pretrained`` returns it), or a
+    frozen BatchNorm kept in eval while fine-tuning, would come back in train mode."""
+    modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
         yield module
     finally:
-        module.train(was_training)
+        for m, training in modes:
+            m.training = training
 
 
 def forked_rng(device: torch.device):
@@ -122,6 +126,11 @@ def build_model(spec: str, task, ensemble: Any = None, **options) -> nn.Module:
 
     from ..registry import MODELS
 
+    if not isinstance(spec, str):
+        raise ModelSpecError(f"a model spec is a string such as 'timm:resnet18' or 'hf:<name or folder>', got "
+                             f"{type(spec).__name__}; wrap a model object of your own in an adapter instead: "
+                             f"VisionAdapter(net, num_classes, mean, std) or TextAdapter(model, tokenizer, "
+                             f"num_classes, text_fields) from unirobust.models")
     if ensemble is not None:
         from .ensemble import build_ensemble
 

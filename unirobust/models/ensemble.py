@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import ModelSpecError
+from .base import ModelSpecError, eval_mode
 
 #: attributes read from the first member (all members share them): what text attacks and collation use.
 SHARED_ATTRIBUTES = ("tokenizer", "tokenize", "text_fields", "max_length", "special_ids", "pad_multiple")
@@ -111,6 +111,11 @@ class EnsembleAdapter(nn.Module):
     def embed(self, batch: dict) -> Tensor:
         return self.members[0].embed(batch)
 
+    def check_inputs(self, z0: Tensor) -> None:
+        check = getattr(self.members[0], "check_inputs", None)
+        if check is not None:
+            check(z0)
+
     def member_inputs(self, zs: Sequence[Tensor], batch: dict) -> list[Tensor]:
         """Member i's own input for the shared-space point ``zs[i]`` (see the module docstring)."""
         ref = None if batch is None else self.members[0].embed(batch)
@@ -180,19 +185,17 @@ class EnsembleAdapter(nn.Module):
     @torch.no_grad()
     def predict(self, inputs, batch_size: int = 64) -> Tensor:
         """Predicted class of each input: texts (or pairs) for text members, N x C x H x W images for vision."""
-        was_training = self.training
-        self.eval()
         first = self.members[0]
         device = next(self.parameters()).device
         preds = []
-        for i in range(0, len(inputs), batch_size):
-            chunk = inputs[i:i + batch_size]
-            if hasattr(first, "tokenize"):
-                batch = {k: v.to(device) for k, v in first.tokenize(chunk).items()}
-            else:
-                batch = {"pixel_values": torch.as_tensor(chunk, dtype=torch.float32).to(device)}
-            preds.append(self.logits(self.embed(batch), batch).argmax(-1).cpu())
-        self.train(was_training)
+        with eval_mode(self):
+            for i in range(0, len(inputs), batch_size):
+                chunk = inputs[i:i + batch_size]
+                if hasattr(first, "tokenize"):
+                    batch = {k: v.to(device) for k, v in first.tokenize(chunk).items()}
+                else:
+                    batch = {"pixel_values": torch.as_tensor(chunk, dtype=torch.float32).to(device)}
+                preds.append(self.logits(self.embed(batch), batch).argmax(-1).cpu())
         return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
 
 

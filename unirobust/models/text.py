@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import clip_to_ball, mean_pool, unit_norm
+from .base import clip_to_ball, eval_mode, mean_pool, unit_norm
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +107,12 @@ class TextAdapter(nn.Module):
     @torch.no_grad()
     def predict(self, texts, batch_size: int = 64) -> Tensor:
         """Predicted class of each text (or (first, second) pair)."""
-        was_training = self.training
-        self.eval()
         device = self.special_ids.device
         preds = []
-        for i in range(0, len(texts), batch_size):
-            batch = {k: v.to(device) for k, v in self.tokenize(texts[i:i + batch_size]).items()}
-            preds.append(self.logits(self.embed(batch), batch).argmax(-1).cpu())
-        self.train(was_training)
+        with eval_mode(self):
+            for i in range(0, len(texts), batch_size):
+                batch = {k: v.to(device) for k, v in self.tokenize(texts[i:i + batch_size]).items()}
+                preds.append(self.logits(self.embed(batch), batch).argmax(-1).cpu())
         return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .base import clip_to_ball
+from .base import clip_to_ball, eval_mode
 
 
 class VisionAdapter(nn.Module):
@@ -44,6 +44,16 @@ class VisionAdapter(nn.Module):
 
     def embed(self, batch: dict) -> Tensor:
         return batch["pixel_values"]
+
+    @staticmethod
+    def check_inputs(z0: Tensor) -> None:
+        """Attacks search a ball of pixels in [0, 1] (and clamp to it): normalised or 0-255 inputs would
+        be clamped first, far outside any ball. Pass raw [0, 1] pixels; the adapter normalises them."""
+        lo, hi = (float(v) for v in torch.aminmax(z0.detach().float()))
+        if lo < -1e-6 or hi > 1 + 1e-6:
+            raise ValueError(f"pixel_values must lie in [0, 1], found {lo:.3g}..{hi:.3g}: attacks perturb and clamp "
+                             f"[0, 1] pixels, and the adapter normalises them itself; pass unnormalised pixels and "
+                             f"give the normalisation as VisionAdapter(net, num_classes, mean=[...], std=[...])")
 
     def logits(self, z: Tensor, batch: dict | None = None) -> Tensor:
         return self.net(self._normalise(z))
@@ -92,12 +102,10 @@ class VisionAdapter(nn.Module):
     @torch.no_grad()
     def predict(self, images, batch_size: int = 256) -> Tensor:
         """Predicted class of each image (N x C x H x W array or tensor in [0, 1])."""
-        was_training = self.training
-        self.eval()
         x = torch.as_tensor(np.asarray(images, dtype=np.float32))
         device = self.mean.device
-        preds = [self.logits(x[i:i + batch_size].to(device)).argmax(-1).cpu() for i in range(0, len(x), batch_size)]
-        self.train(was_training)
+        with eval_mode(self):
+            preds = [self.logits(x[i:i + batch_size].to(device)).argmax(-1).cpu() for i in range(0, len(x), batch_size)]
         return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
 
 

@@ -33,6 +33,7 @@ import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Sequence
 
+from ...models.base import eval_mode
 from .results import AttackRecord, ResultStore, int_or_none
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -102,18 +103,13 @@ def _wrapper_class():
             import torch
 
             inputs = [x if isinstance(x, str) else tuple(x) for x in text_input_list]
-            was_training = self.adapter.training
-            self.adapter.eval()
             out = []
-            try:
-                with torch.no_grad():
-                    for i in range(0, len(inputs), self.batch_size):
-                        batch = self._batch(inputs[i:i + self.batch_size])
-                        logits = self.adapter.logits(self.adapter.embed(batch), batch)
-                        # float64: TextAttack re-applies softmax to rows that do not sum to 1 within 1e-6
-                        out.append(torch.softmax(logits.double(), dim=-1).cpu())
-            finally:
-                self.adapter.train(was_training)
+            with torch.no_grad(), eval_mode(self.adapter):
+                for i in range(0, len(inputs), self.batch_size):
+                    batch = self._batch(inputs[i:i + self.batch_size])
+                    logits = self.adapter.logits(self.adapter.embed(batch), batch)
+                    # float64: TextAttack re-applies softmax to rows that do not sum to 1 within 1e-6
+                    out.append(torch.softmax(logits.double(), dim=-1).cpu())
             if not out:
                 return torch.empty(0, getattr(self.adapter, "num_classes", 2), dtype=torch.float64)
             return torch.cat(out)
@@ -132,16 +128,12 @@ def _wrapper_class():
             import torch
 
             x = text_input if isinstance(text_input, str) else tuple(text_input)
-            was_training = self.adapter.training
-            self.adapter.eval()
-            try:
+            with eval_mode(self.adapter):
                 batch = self._batch([x])
                 z = self.adapter.embed(batch).detach().requires_grad_(True)
                 logits = self.adapter.logits(z, batch)
                 loss = torch.nn.functional.cross_entropy(logits, logits.argmax(-1).detach())
                 (grad,) = torch.autograd.grad(loss, z)
-            finally:
-                self.adapter.train(was_training)
             keep = self._positions(batch).cpu()
             ids = batch["input_ids"][0].cpu()[keep]
             return {"ids": ids.unsqueeze(0), "gradient": grad[0].cpu()[keep].numpy()}
@@ -406,9 +398,7 @@ def run_textattack(adapter, examples: list[dict], attack, store: ResultStore | N
     num_classes = getattr(adapter, "num_classes", None)
     todo = store.todo(len(examples)) if store is not None else list(range(len(examples)))
     records: list[AttackRecord] = []
-    was_training = adapter.training
-    adapter.eval()
-    try:
+    with eval_mode(adapter):
         for i in tqdm(todo, desc="textattack", disable=not progress, dynamic_ncols=True):
             ex = examples[i]
             problem = _check_example(ex, fields, num_classes)
@@ -431,8 +421,6 @@ def run_textattack(adapter, examples: list[dict], attack, store: ResultStore | N
             if store is not None:
                 store.append(rec)
             records.append(rec)
-    finally:
-        adapter.train(was_training)
     return records
 
 
