@@ -15,6 +15,9 @@ from .base import clip_to_ball, eval_mode
 class VisionAdapter(nn.Module):
     """Wraps any image classifier ``net`` (expects normalised B x C x H x W, returns B x K logits).
 
+    ``mean`` / ``std``: the normalisation ``net`` was trained with, applied inside ``logits``
+    (default none: mean 0, std 1; the ``timm:`` builder passes the task's, or 0.5 per channel).
+
     ``embed`` returns ``batch["pixel_values"]`` (B x C x H x W in [0, 1]); ``project`` keeps the
     per-image Linf / L2 ball intersected with [0, 1]. ``features`` is the pre-logit representation
     of timm models (``forward_head(..., pre_logits=True)``), or the logits for other networks.
