@@ -247,6 +247,7 @@ def load_run(run_dir: str | Path, overrides: list[str] = ()):
     from .recipe import apply_overrides
 
     run_dir = Path(run_dir)
+    overrides = [overrides] if isinstance(overrides, str) else list(overrides)  # one "key=value" alone
     weights = run_dir / "model.safetensors"
     if not weights.exists():
         raise RecipeError(f"{run_dir} is not a finished run (no model.safetensors)")
