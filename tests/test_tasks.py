@@ -538,6 +538,11 @@ def test_hub_source_that_cannot_load_is_a_task_error(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(TaskError, match=r"cannot load 'glue' \(config 'sst2'\) from the hub: Couldn't reach.*loader: local"):
         load_task(get_task("sst2"))
+    # the hint names the task's own columns (a pair task's two fields and its label), and the bundled sample
+    with pytest.raises(TaskError, match=r"bundled task sst2-sample\) whose columns are sentence, label"):
+        load_task(get_task("sst2"))
+    with pytest.raises(TaskError, match=r"whose columns are question1, question2, label"):
+        load_task(get_task("qqp"))
 
 
 # ----------------------------------------------------------------------------- shipped tasks
@@ -655,3 +660,19 @@ def test_image_shape_given_channels_last_and_task_file_without_name(tmp_path):
         validate({"name": "x", "task": {"name": str(path)}, "model": {"spec": "timm:test_resnet"}})
     path.write_text(yaml.safe_dump(vision_task(source, image_shape=(1, 8, 8), classes=10)))
     assert get_task(str(path)).name == "mine"
+
+
+def test_coverage_warning_tells_a_sorted_split_from_a_small_sample():
+    """A shuffled split's first 16 of 10 classes miss a class by chance (about 1.9 on average): the
+    note no longer asks whether it is sorted by class, which it does for a split listed class by class."""
+    import numpy as np
+    from datasets import Dataset
+
+    from unirobust.runs import coverage_warning
+
+    sorted_split = Dataset.from_dict({"label": np.repeat(np.arange(3), 4).tolist()})
+    assert "is it sorted by class?" in coverage_warning(sorted_split, 4)
+    shuffled = Dataset.from_dict({"label": np.random.default_rng(1).permutation(np.arange(1000) % 10).tolist()})
+    note = coverage_warning(shuffled, 16)
+    assert note is None or "by chance" in note
+    assert coverage_warning(shuffled, 500) is None

@@ -368,6 +368,14 @@ def test_evaluate_extras_members_and_missing_surrogate(tmp_path, caplog):
     assert "## Ensemble members under" in text and "## Transfer under" in text and "nope" in text
     assert evaluate_extras(validate({**raw, "model": {"spec": "timm:test_resnet"},
                                      "eval": {"attacks": [{"name": "fgsm"}]}}), adapter.members[0], data) == {}
+    # a surrogate named runs/<name> (as the shipped recipes do) is found under the recipe's output_dir,
+    # where the surrogate recipe run with the same output_dir put it; the warning says where it looked
+    raw["output_dir"] = str(tmp_path)
+    raw["eval"]["transfer"]["surrogates"] = ["runs/single", "runs/elsewhere"]
+    caplog.clear()
+    out = evaluate_extras(validate(raw), adapter, data, None)
+    assert set(out["transfer"][title]["matrix"]) == {"runs/single"} and out["transfer_skipped"] == ["runs/elsewhere"]
+    assert str(tmp_path / "elsewhere") in caplog.text
 
 
 def test_eval_of_an_ensemble_run_reports_its_members(tmp_path, capsys):

@@ -143,8 +143,9 @@ def _from_hub(hub_id: str, keys: Sequence[str], config_split: Mapping[str, tuple
             ds = datasets.load_dataset(hub_id, config, split=split)
         except Exception as err:  # offline, unknown id, ...: say what to do instead
             raise AdvGLUEError(f"cannot load {hub_id!r} (config {config!r}, split {split!r}) from the hub: "
-                               f"{err}. Offline, give the path of a file in the AdvGLUE release format "
-                               f"(dev.json) instead") from err
+                               f"{str(err).splitlines()[0] if str(err) else type(err).__name__}. Offline, give "
+                               f"a file in the AdvGLUE release format (dev.json): task.source.path=<file> for an "
+                               f"advglue-* task, or --advglue <file>") from err
         out[key] = _dataset(_items(key, ds, f"{hub_id}/{config}"))
     return out
 

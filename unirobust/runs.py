@@ -8,6 +8,8 @@ import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from .attacks import build_attack
 from .evaluate import evaluate
 from .models import build_model
@@ -74,7 +76,13 @@ def coverage_warning(split, limit: int | None) -> str | None:
         return None
     if not missing:
         return None
-    return (f"the first {limit} examples miss {len(missing)} of the split's classes (is it sorted by class?); "
+    counts = np.bincount(np.asarray(labels.tolist()) - min(labels.tolist()))
+    n = len(labels)
+    # classes a random order would leave out of the first `limit`, on average (hypergeometric)
+    expected = sum(float(np.prod([(n - c - i) / (n - i) for i in range(limit)])) for c in counts if c)
+    sorted_like = len(missing) >= max(1.0, 3 * expected)
+    why = "is it sorted by class?" if sorted_like else "a sample this small can miss classes by chance"
+    return (f"the first {limit} examples miss {len(missing)} of the split's classes ({why}); "
             f"task.max_eval={limit} takes a seeded stratified sample instead")
 
 

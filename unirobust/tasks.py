@@ -482,6 +482,17 @@ def load_package(task: Task) -> dict:
     return {split: _read_table(PACKAGE_DATA / (src.path or "") / f, src.columns) for split, f in src.splits.items()}
 
 
+def offline_hint(task: Task) -> str:
+    """How to run ``task`` from local files: the columns its files need, and the override."""
+    columns = [*task.text_fields, task.label_field] if task.modality == "text" else ["image", task.label_field]
+    bundled = " (or the bundled task sst2-sample)" if task.name == "sst2" else ""
+    return (f"Offline, read local files{bundled} whose columns are {', '.join(columns)} (TSV / CSV with a header, "
+            f"or JSONL; task.label_field=<column> if the labels are in another, task.source.columns=[...] for headerless "
+            f"files): task.source={{loader: local, path: <folder>, splits: {{train: <file>, validation: <file>}}}}; "
+            f"the task file's first comment lines give the command for a copy bundled here, where there is one "
+            f"(README, Tasks)")
+
+
 def load_hub(task: Task) -> dict:
     import datasets
 
@@ -490,9 +501,8 @@ def load_hub(task: Task) -> dict:
         ds = datasets.load_dataset(src.path, src.name)
     except Exception as err:  # offline, unknown id, gated, ...: say what to do instead
         raise TaskError(f"task {task.name!r}: cannot load {src.path!r}" + (f" (config {src.name!r})" if src.name else "")
-                        + f" from the hub: {str(err).splitlines()[0] if str(err) else type(err).__name__}. Offline, "
-                        f"read local files instead: task.source={{loader: local, path: <folder>, splits: "
-                        f"{{train: train.tsv, validation: dev.tsv}}}} (see README, Tasks)") from err
+                        + f" from the hub: {str(err).splitlines()[0] if str(err) else type(err).__name__}. "
+                        + offline_hint(task)) from err
     mapping = src.splits or {s: s for s in SPLITS if s in ds}
     return {ours: ds[theirs] for ours, theirs in mapping.items()}
 

@@ -249,6 +249,26 @@ def check_transferable(models: dict[str, Any]) -> None:
                                      f"position, so transfer needs one model.options.max_length")
 
 
+def run_candidates(path: str, recipe) -> list[Path]:
+    """Where a run folder named in a recipe may be: as given (from the current folder); under the
+    recipe's ``output_dir`` when it starts with the default ``runs/`` (the surrogate recipe was run
+    with the same ``output_dir``); under the project root (as task data paths are looked up)."""
+    p = Path(path).expanduser()
+    out = [p]
+    if not p.is_absolute():
+        if p.parts and p.parts[0] == "runs" and recipe.output_dir and Path(recipe.output_dir) != Path("runs"):
+            out.append(Path(recipe.output_dir, *p.parts[1:]))
+        base = getattr(recipe.resolved_task, "base_dir", None)
+        if base:
+            out.append(Path(base) / p)
+    return list(dict.fromkeys(out))
+
+
+def find_run(path: str, recipe) -> Path:
+    """The first of :func:`run_candidates` holding a finished run (``model.safetensors``), else ``path``."""
+    return next((c for c in run_candidates(path, recipe) if (c / "model.safetensors").exists()), Path(path))
+
+
 def evaluate_extras(recipe, adapter, dataset, accelerator=None) -> dict:
     """What ``runs.execute`` adds to ``metrics["eval"]`` after the cascade: for an ensemble, the
     member-to-member matrix per attack (``members``); with ``eval.transfer.surrogates``, the transfer
@@ -273,16 +293,20 @@ def evaluate_extras(recipe, adapter, dataset, accelerator=None) -> dict:
         out["members"] = {title: member_matrix(adapter, dataset, attack, accelerator, recipe.eval.batch_size,
                                                seed=recipe.seed)
                           for title, attack in attacks.items()}
-    missing = [s for s in (cfg.surrogates if cfg else []) if not all(
-        (Path(p) / "model.safetensors").exists() for p in s.split("+") if p)]
+    found = {s: "+".join(str(find_run(p, recipe)) for p in s.split("+") if p)
+             for s in (cfg.surrogates if cfg else [])}  # name as written -> where the run is
+    missing = [s for s, where in found.items() if not all(
+        (Path(p) / "model.safetensors").exists() for p in where.split("+"))]
     for s in missing:  # training is done: report what can be measured instead of failing the run
-        log.warning("eval.transfer: surrogate %s is not a finished run; skipped (train it first)", s)
+        tried = ", ".join(str(c.resolve()) for p in s.split("+") if p for c in run_candidates(p, recipe))
+        log.warning("eval.transfer: surrogate %s is not a finished run (looked in %s); skipped (train it first)",
+                    s, tried)
     surrogates = {}
     for s in (cfg.surrogates if cfg else []):
         if s in missing:
             continue
         try:
-            surrogate = load_surrogate(s, device, task)
+            surrogate = load_surrogate(found[s], device, task)
             check_transferable({recipe.name: adapter, s: surrogate})
             surrogates[s] = surrogate
         except (RecipeError, ModelSpecError) as err:  # as above: the run's results stand
