@@ -3,7 +3,7 @@
     python bench/bench_prompt.py [--epochs 2] [--n 200] [--advgen-n 400] [--advgen-attack deepwordbug]
         [--rows mlp,mvp,...] [--seeds 0,1,2] [--lr 2e-5] [--model hf:roberta-base]
 
-Four recipes, same model (all-MiniLM-L6-v2, offline), data (the 4,000 bundled SST-2 training
+Five recipes, same model (all-MiniLM-L6-v2, offline), data (the 4,000 bundled SST-2 training
 sentences), optimiser and budget (``--epochs``):
 
 - ``mlp``: ``recipes/prompt/sst2_minilm_mlp.yaml``, the standard randomly initialised head (MLP-FT);
@@ -24,7 +24,7 @@ sentences, and accuracy on an AdvGLUE-style set. That set is built once with ``u
 the training sample; rows of at least 10 words) with a *different* attack (``--advgen-attack``,
 default DeepWordBug) against a separate surrogate, the ERM victim of the word-attack benchmark
 (``recipes/bench/sst2_minilm_victim.yaml``, trained if missing), filtered as AdvGLUE was (prediction
-flipped, <= 15% of words changed, sentence similarity >= 0.85). So all three rows face transferred
+flipped, <= 15% of words changed, sentence similarity >= 0.85). So every row faces transferred
 examples, as models evaluated on AdvGLUE do.
 
 Target (issue 4): MVP at least 5 points more robust than MLP-FT (mean of the word-attack and
