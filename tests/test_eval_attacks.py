@@ -311,3 +311,16 @@ def test_evaluate_from_python_with_a_list_of_attacks_and_no_accelerator(trained_
                  check_examples=0)
     assert m["n"] == 40 and [s["attack"] for s in m["cascade"]] == ["PGD", "PGD #2"]
     assert m["cascade"][-1]["robust_accuracy"] <= m["cascade"][0]["robust_accuracy"] <= m["clean_accuracy"]
+
+
+def test_evaluate_without_an_accelerator_leaves_the_callers_accelerate_state_alone(trained_cnn, digits_data):
+    """evaluate() from a user's own loop made a default Accelerator, which reset the caller's precision
+    and gradient accumulation (a shared state)."""
+    from accelerate import Accelerator
+
+    from unirobust.evaluate import evaluate
+
+    mine = Accelerator(cpu=True, gradient_accumulation_steps=4)
+    m = evaluate(trained_cnn, [digits_data.test[i] for i in range(16)], [PGD(eps=0.1, norm="linf", steps=1)],
+                 check_examples=0)
+    assert m["n"] == 16 and mine.gradient_accumulation_steps == 4

@@ -75,6 +75,43 @@ def _cascade(adapter, batch: dict, attacks: Sequence) -> tuple[torch.Tensor, tor
     return torch.stack(stages), pred
 
 
+class OneProcess:
+    """What :func:`evaluate` needs of an ``Accelerator``, for one process on ``device``: batches moved
+    there, nothing gathered, no accelerate state created or changed."""
+
+    num_processes, process_index = 1, 0
+    is_main_process = is_local_main_process = True
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def unwrap_model(self, model):
+        return model
+
+    def gather_for_metrics(self, tensors):
+        return tensors
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def prepare_data_loader(self, loader):
+        return _OnDevice(loader, self.device)
+
+
+class _OnDevice:
+    """A data loader whose batches (dicts of tensors) are moved to ``device``."""
+
+    def __init__(self, loader, device):
+        self.loader, self.device = loader, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def evaluate(adapter, dataset, attacks: dict[str, object] | Sequence, accelerator=None, batch_size: int = 64,
              class_names: Sequence[str] | None = None, desc: str = "eval", threat=None,
              check_examples: int = 32, out_dir=None) -> dict:
@@ -89,13 +126,13 @@ def evaluate(adapter, dataset, attacks: dict[str, object] | Sequence, accelerato
 
     From Python: ``dataset`` holds task-format examples (``{"image" | text fields, "label"}``, as
     ``load_task`` gives them; ``adapter.collate`` batches them); ``attacks`` is ``{title: attack}``
-    or a list (titled by class name); ``accelerator`` defaults to a one-process ``Accelerator``.
+    or a list (titled by class name); without an ``accelerator`` it runs in this one process on the
+    model's device, creating no accelerate state (a caller's own, e.g. its precision or gradient
+    accumulation, stays as it is).
     Random starts draw from torch's global generator: call ``accelerate.utils.set_seed(seed)`` first
     for the figures the CLI gives (it seeds with the recipe's ``seed``)."""
     if accelerator is None:
-        from .train import make_accelerator
-
-        accelerator = make_accelerator()
+        accelerator = OneProcess(next(iter(adapter.parameters())).device)
     if not isinstance(attacks, dict):
         titled = {}
         for attack in attacks:

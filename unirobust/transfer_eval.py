@@ -211,13 +211,13 @@ def extras_markdown(ev: dict) -> str:
 # ----------------------------------------------------------------------------- runs
 
 
-def load_surrogate(spec: str, device=None, task=None):
-    """A run folder, or ``runA+runB+...``: an ensemble (mean of logits) of run folders. With ``task``
-    (the one whose examples it will attack), each run must have been trained on its kind of
-    examples and classes."""
+def load_surrogate(spec, device=None, task=None):
+    """A run folder, or ``runA+runB+...`` (or a list of folders): an ensemble (mean of logits) of run
+    folders. With ``task`` (the one whose examples it will attack), each run must have been trained
+    on its kind of examples and classes."""
     from .runs import check_same_outputs, load_run
 
-    parts = [p for p in spec.split("+") if p]
+    parts = [p for p in spec.split("+") if p] if isinstance(spec, str) else [str(p) for p in spec]
     loaded = [load_run(p) for p in parts]
     if task is not None:
         for part, (recipe, _) in zip(parts, loaded):
@@ -250,14 +250,15 @@ def check_transferable(models: dict[str, Any]) -> None:
 
 
 def run_candidates(path: str, recipe) -> list[Path]:
-    """Where a run folder named in a recipe may be: as given (from the current folder); under the
-    recipe's ``output_dir`` when it starts with the default ``runs/`` (the surrogate recipe was run
-    with the same ``output_dir``); under the project root (as task data paths are looked up)."""
+    """Where a run folder named in a recipe may be, in order: under the recipe's ``output_dir`` when
+    it is not the default and the name starts with ``runs/`` (the surrogate recipe was run with the
+    same ``output_dir``); as given (from the current folder); under the project root (as task data
+    paths are looked up)."""
     p = Path(path).expanduser()
     out = [p]
     if not p.is_absolute():
         if p.parts and p.parts[0] == "runs" and recipe.output_dir and Path(recipe.output_dir) != Path("runs"):
-            out.append(Path(recipe.output_dir, *p.parts[1:]))
+            out.insert(0, Path(recipe.output_dir, *p.parts[1:]))  # this recipe's own output_dir first
         base = getattr(recipe.resolved_task, "base_dir", None)
         if base:
             out.append(Path(base) / p)
@@ -293,10 +294,12 @@ def evaluate_extras(recipe, adapter, dataset, accelerator=None) -> dict:
         out["members"] = {title: member_matrix(adapter, dataset, attack, accelerator, recipe.eval.batch_size,
                                                seed=recipe.seed)
                           for title, attack in attacks.items()}
-    found = {s: "+".join(str(find_run(p, recipe)) for p in s.split("+") if p)
-             for s in (cfg.surrogates if cfg else [])}  # name as written -> where the run is
-    missing = [s for s, where in found.items() if not all(
-        (Path(p) / "model.safetensors").exists() for p in where.split("+"))]
+    found = {s: [find_run(p, recipe) for p in s.split("+") if p]
+             for s in (cfg.surrogates if cfg else [])}  # name as written -> where its runs are
+    missing = [s for s, where in found.items() if not all((p / "model.safetensors").exists() for p in where)]
+    for s, where in found.items():
+        if s not in missing and [str(p) for p in where] != [p for p in s.split("+") if p]:
+            log.info("eval.transfer: surrogate %s is %s", s, " + ".join(str(p.resolve()) for p in where))
     for s in missing:  # training is done: report what can be measured instead of failing the run
         tried = ", ".join(str(c.resolve()) for p in s.split("+") if p for c in run_candidates(p, recipe))
         log.warning("eval.transfer: surrogate %s is not a finished run (looked in %s); skipped (train it first)",
