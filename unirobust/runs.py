@@ -123,16 +123,17 @@ def execute(recipe: Recipe, resume: bool = False, train: bool = True, evaluate_a
             resumable_state(recipe, ckpt)
         trained = finished_training(recipe, run_dir) if train and resume and ckpt is None else None
         data = load_task(task, seed=recipe.seed)
-        if trained is not None:  # its own weights follow: the checkpoint it started from is not needed
-            adapter = build_for_weights(recipe, task, run_dir / "model.safetensors")
-        else:
-            adapter = build_model(recipe.model.spec, task, ensemble=recipe.model.ensemble, **recipe.model.options)
         if trained is not None:  # --resume of a run trained to the end with this recipe, without checkpoints
             log.info("%s was trained to the end with this recipe (model.safetensors); --resume evaluates it again "
                      "(run without --resume to train it again)", run_dir)
+            adapter = build_for_weights(recipe, task, run_dir / "model.safetensors")  # not its start checkpoint
             load_weights(adapter, run_dir / "model.safetensors")
-        elif train and ckpt is None:  # a fresh start (--resume without a checkpoint too): an earlier run's
-            if main:                # results and checkpoints must not pass for this one's
+        else:
+            adapter = build_model(recipe.model.spec, task, ensemble=recipe.model.ensemble, **recipe.model.options)
+        # a fresh start (--resume without a checkpoint or finished training too): an earlier run's results
+        # and checkpoints must not pass for this one's
+        if trained is None and train and ckpt is None:
+            if main:
                 for name in RESULTS:
                     (run_dir / name).unlink(missing_ok=True)
                 for other in [*run_dir.glob("on-*"), run_dir / "attacks"]:  # other tasks, per-attack records
