@@ -159,7 +159,8 @@ def check_eps_monotonic(accuracies: Mapping[float, float], tol: float = 0.02) ->
         if a1 > tol and a2 >= a1 - tol:
             warnings.append(
                 f"eps monotonicity: robust accuracy hardly falls from eps={e1:g} ({_pct(a1)}) to "
-                f"eps={e2:g} ({_pct(a2)}; less than the {_pct(tol)} allowed for noise). Growing the budget should let the attack break more examples; "
+                f"eps={e2:g} ({_pct(a2)}; less than the {_pct(tol)} allowed for noise). Growing the budget should "
+                f"let the attack break more examples; "
                 f"a flat curve suggests the attack makes no progress (masked or zero gradients). Check the "
                 f"gradients, try larger budgets (accuracy should reach about 0 for an unbounded attack) and "
                 f"gradient-free attacks.")

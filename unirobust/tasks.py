@@ -487,9 +487,9 @@ def offline_hint(task: Task) -> str:
     columns = [*task.text_fields, task.label_field] if task.modality == "text" else ["image", task.label_field]
     bundled = " (or the bundled task sst2-sample)" if task.name == "sst2" else ""
     return (f"Offline, read local files{bundled} whose columns are {', '.join(columns)} (TSV / CSV with a header, "
-            f"or JSONL; task.label_field=<column> if the labels are in another, task.source.columns=[...] for headerless "
-            f"files): task.source={{loader: local, path: <folder>, splits: {{train: <file>, validation: <file>}}}}; "
-            f"the task file's first comment lines give the command for a copy bundled here, where there is one "
+            f"or JSONL; task.label_field=<column> if the labels are in another, task.source.columns=[...] for "
+            f"headerless files): task.source={{loader: local, path: <folder>, splits: {{train: <file>, "
+            f"validation: <file>}}}}; the task file's first comment lines give the command for a copy bundled here, where there is one "
             f"(README, Tasks)")
 
 
