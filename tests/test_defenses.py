@@ -515,6 +515,11 @@ def test_freelb_passes_of_one_batch_share_one_dropout_mask(make_text_adapter, te
     for losses in calls:
         assert losses[0] == pytest.approx(losses[1], abs=1e-6) and losses[1] == pytest.approx(losses[2], abs=1e-6)
     assert calls[0][0] != pytest.approx(calls[1][0], abs=1e-6)  # masks differ between batches
+    # same_dropout: false draws a mask per pass (the K losses differ)
+    independent = build_defense({"name": "freelb", "init": 0.0, "alpha": 1e-9, "same_dropout": False}, TEXT_THREAT)
+    losses = []
+    independent.step(adapter, batch, lambda loss: (losses.append(loss.item()), loss.backward()))
+    assert losses[0] != pytest.approx(losses[1], abs=1e-6)
     # loss() (no backward) shares the mask too: its mean equals one pass's loss
     first = defense.loss(adapter, batch)
     assert first["loss"].item() == pytest.approx(F.cross_entropy(first["logits"], batch["labels"]).item(), abs=1e-6)
