@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .models.base import eval_mode
+from .models.base import batch_to, eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +297,7 @@ def predict_examples(adapter, examples: list[dict], batch_size: int = 64, accele
     preds, labels = [], []
     with eval_mode(model):
         for batch in loader:
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = batch_to(batch, device)
             pred, y = model.logits(model.embed(batch), batch).argmax(-1), batch["labels"]
             if accelerator is not None:
                 pred, y = accelerator.gather_for_metrics((pred, y))

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .attacks import attack_parameters, split_word_attacks
-from .models.base import eval_mode
+from .models.base import batch_to, device_of, eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,18 @@ def _cascade(adapter, batch: dict, attacks: Sequence) -> tuple[torch.Tensor, tor
     return torch.stack(stages), pred
 
 
+def numbered(titled) -> dict:
+    """``(title, item)`` pairs -> an ordered dict; a title given twice (the same attack twice, e.g. two
+    random-start runs) is numbered ``<title> #2`` instead of replacing the first."""
+    out = {}
+    for title, item in titled:
+        key, n = title, 2
+        while key in out:
+            key, n = f"{title} #{n}", n + 1
+        out[key] = item
+    return out
+
+
 class OneProcess:
     """What :func:`evaluate` needs of an ``Accelerator``, for one process on ``device``: batches moved
     there, nothing gathered, no accelerate state created or changed."""
@@ -109,7 +121,7 @@ class _OnDevice:
 
     def __iter__(self):
         for batch in self.loader:
-            yield {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            yield batch_to(batch, self.device)
 
 
 def evaluate(adapter, dataset, attacks: dict[str, object] | Sequence, accelerator=None, batch_size: int = 64,
@@ -132,15 +144,9 @@ def evaluate(adapter, dataset, attacks: dict[str, object] | Sequence, accelerato
     Random starts draw from torch's global generator: call ``accelerate.utils.set_seed(seed)`` first
     for the figures the CLI gives (it seeds with the recipe's ``seed``)."""
     if accelerator is None:
-        accelerator = OneProcess(next(iter(adapter.parameters())).device)
+        accelerator = OneProcess(device_of(adapter))
     if not isinstance(attacks, dict):
-        titled = {}
-        for attack in attacks:
-            title, n = type(attack).__name__, 2
-            while title in titled:
-                title, n = f"{type(attack).__name__} #{n}", n + 1
-            titled[title] = attack
-        attacks = titled
+        attacks = numbered((type(attack).__name__, attack) for attack in attacks)
     model = accelerator.unwrap_model(adapter)
     with eval_mode(model):
         parameters = {title: attack_parameters(a) for title, a in attacks.items()}

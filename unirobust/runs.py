@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .attacks import build_attack
-from .evaluate import evaluate
+from .evaluate import evaluate, numbered
 from .models import build_model
 from .recipe import AttackConfig, Recipe, RecipeError, read_yaml, validate
 from .report import atomic_write, attacked, environment, load_weights, save_weights, write_report
@@ -87,15 +87,8 @@ def coverage_warning(split, limit: int | None) -> str | None:
 
 
 def build_attacks(configs: list[AttackConfig], threat) -> dict:
-    """Title -> attack, in order; a title given twice (the same attack twice, e.g. two random-start
-    runs) is numbered ``<title> #2`` instead of replacing the first."""
-    out = {}
-    for c in configs:
-        title, n = c.title(), 2
-        while title in out:
-            title, n = f"{c.title()} #{n}", n + 1
-        out[title] = build_attack(c.params(), threat)
-    return out
+    """Title -> attack, in order (a title given twice is numbered, see :func:`evaluate.numbered`)."""
+    return numbered((c.title(), build_attack(c.params(), threat)) for c in configs)
 
 
 def execute(recipe: Recipe, resume: bool = False, train: bool = True, evaluate_after: bool = True) -> dict:

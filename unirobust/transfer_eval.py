@@ -31,20 +31,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .attacks import split_word_attacks
-from .models.base import ModelSpecError, eval_mode, forked_rng
+from .models.base import ModelSpecError, batch_to, device_of, eval_mode, forked_rng
 from .models.ensemble import EnsembleAdapter, check_one_text_layout, is_ensemble
 
 log = logging.getLogger(__name__)
-
-
-def _device_of(adapter) -> torch.device:
-    for p in adapter.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def _to(batch: dict, device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def _check_same_tokens(batches: dict[int, dict], names: dict[int, str]) -> None:
@@ -92,7 +82,7 @@ def transfer_matrix(surrogates: dict[str, Any], targets: dict[str, Any], dataset
         show = accelerator is None or accelerator.is_local_main_process
         for lo in tqdm(range(0, len(indices), batch_size), desc=desc, disable=not show, dynamic_ncols=True):
             examples = [dataset[i] for i in indices[lo:lo + batch_size]]
-            batches = {key: _to(a.collate(examples), _device_of(a)) for key, a in adapters.items()}
+            batches = {key: batch_to(a.collate(examples), device_of(a)) for key, a in adapters.items()}
             _check_same_tokens(batches, names)
             with torch.no_grad():
                 z0 = {key: adapters[key].embed(b) for key, b in batches.items()}
@@ -104,7 +94,7 @@ def transfer_matrix(surrogates: dict[str, Any], targets: dict[str, Any], dataset
                 clean[t] += float(correct[t].sum())
             for s, sa in surrogates.items():
                 sb = batches[id(sa)]
-                with forked_rng(_device_of(sa)):
+                with forked_rng(device_of(sa)):
                     torch.manual_seed(_attack_seed(seed, s, indices[lo]))
                     z_adv = attack(sa, sb).detach()
                 delta = z_adv - z0[id(sa)]
@@ -288,7 +278,7 @@ def evaluate_extras(recipe, adapter, dataset, accelerator=None) -> dict:
         return {}
     if cfg and cfg.max_examples and cfg.max_examples < len(dataset):
         dataset = dataset.select(range(cfg.max_examples))
-    device = accelerator.device if accelerator is not None else _device_of(adapter)
+    device = accelerator.device if accelerator is not None else device_of(adapter)
     out: dict[str, Any] = {}
     if is_ensemble(adapter) and (cfg is None or cfg.members):
         out["members"] = {title: member_matrix(adapter, dataset, attack, accelerator, recipe.eval.batch_size,

@@ -57,6 +57,18 @@ def forked_rng(device: torch.device):
                                  device_type=device.type if on_device else "cuda")
 
 
+def device_of(module) -> torch.device:
+    """Where ``module``'s parameters live (CPU for a module without any)."""
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def batch_to(batch: dict, device) -> dict:
+    """A batch dict with its tensors moved to ``device`` (other entries as they are)."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def unwrap(model: Any) -> Any:
     """The plain adapter behind a training view (attacks must not run through DDP)."""
     return getattr(model, "unwrapped", model)
